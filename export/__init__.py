@@ -1,0 +1,1 @@
+"""vlmdeploy exporter: HF checkpoint -> ONNX graphs + manifest (needs torch)."""

@@ -1,0 +1,179 @@
+"""`vlmdeploy export`: checkpoint -> validated ONNX graphs + tokenizer + manifest, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlmdeploy.runtime.images import ImagePreprocessor
+from vlmdeploy.runtime.manifest import MANIFEST_NAME, Manifest, describe_files
+
+from . import onnx_export, registry
+from .hf_files import read_processor_files
+from .recipes import RecipeError, find_hf_weights, load_recipe
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
+DEFAULT_OPSET = 18
+
+
+class Progress:
+    """Stage lines with elapsed time on stderr: a 7B export takes minutes."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start = stream, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {msg}", file=self.stream, flush=True)
+
+
+@dataclass(frozen=True)
+class Source:
+    checkpoint: Path
+    recipe: str | None
+    dtype: str
+
+
+@contextlib.contextmanager
+def resolve_source(model: str, dtype: str | None):
+    """A checkpoint directory for `--model NAME_OR_DIR`; random-init recipes are built in a temp dir."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        yield Source(path, None, dtype or "fp32")
+        return
+    if os.sep in model or model.startswith("."):
+        raise RecipeError(f"--model {model}: no such directory")
+    recipe = load_recipe(model)
+    if recipe.random_init is None:
+        yield Source(find_hf_weights(recipe.hf_id), recipe.name, dtype or recipe.dtype)
+        return
+    from .tiny import build_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix=f"vlmdeploy-{recipe.name}-") as tmp:
+        build_tiny_checkpoint(recipe.random_init, Path(tmp))
+        yield Source(Path(tmp), recipe.name, dtype or recipe.dtype)
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path):
+    """Write into a hidden sibling directory; rename it over `out` only when complete."""
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{out} exists, is not empty and is not a vlmdeploy artifact; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, out)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(model: str, out: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET, log=None) -> Manifest:
+    log = log or Progress()
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
+    with resolve_source(model, dtype) as src, staging_dir(Path(out)) as tmp:
+        log(f"checkpoint {src.checkpoint} ({src.dtype}, opset {opset})")
+        manifest = _export_into(src, tmp, opset, log)
+        manifest.write(tmp)
+    log(f"done: {Path(out)}")
+    return manifest
+
+
+def _export_into(src: Source, tmp: Path, opset: int, log) -> Manifest:
+    family, model, files, tokenizer = _load(src, log)
+    facts = family.model_facts(model, files, tokenizer, TORCH_DTYPES[src.dtype])
+    specs = family.graph_specs(facts)
+    modules = family.graph_modules(model)
+    validation = {}
+    for i, (name, spec) in enumerate(specs.items(), 1):
+        log(f"[{i}/{len(specs)}] {name}: exporting")
+        validation[name] = _export_one(family, model, facts, name, spec, modules[name], tmp / f"{name}.onnx", opset)
+        log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs PyTorch max abs diff {validation[name]['max_abs_diff']:.2e}")
+    text_files = _copy_text_files(files, tmp)
+    all_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    log(f"checksumming {len(all_files)} files")
+    return Manifest(
+        model=facts,
+        graphs=specs,
+        graph_files={n: f"{n}.onnx" for n in specs},
+        preprocess=ImagePreprocessor.from_hf_config(files.image_processor).to_dict(),
+        tokenizer_file=text_files["tokenizer"],
+        chat_template_file=text_files.get("chat_template"),
+        files=describe_files(tmp, all_files),
+        validation=validation,
+        versions=_versions(),
+        source={"checkpoint": str(src.checkpoint), "recipe": src.recipe, "dtype": src.dtype, "opset": opset},
+    )
+
+
+def _load(src: Source, log):
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(src.checkpoint)
+    family = registry.family_for(config)
+    log(f"loading {config.architectures[0]} weights")
+    model_cls = family.model_class()
+    model = model_cls.from_pretrained(src.checkpoint, dtype=getattr(torch, TORCH_DTYPES[src.dtype]), attn_implementation="sdpa")
+    model.eval()
+    files = read_processor_files(src.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(src.checkpoint)
+    return family, model, files, tokenizer
+
+
+def _export_one(family, model, facts, name, spec, module, path: Path, opset: int) -> dict:
+    rng = np.random.default_rng(0)
+
+    def feeds_at(dims):
+        return family.sample_feeds(name, onnx_export.with_sums(spec, dims), facts, rng)
+
+    with family.export_context(model, name):
+        onnx_export.export_graph(module, spec, feeds_at(family.EXPORT_DIMS[name]), path, opset)
+    reference = family.reference(model, name, module, spec)
+    valid = functools.partial(family.valid_positions, name)
+    return onnx_export.validate_graph(
+        path, spec, reference, feeds_at, family.VALIDATION_DIMS[name], facts.dims.dtype, valid
+    )
+
+
+def _copy_text_files(files, tmp: Path) -> dict[str, str]:
+    shutil.copyfile(files.tokenizer_json, tmp / "tokenizer.json")
+    out = {"tokenizer": "tokenizer.json"}
+    if files.chat_template:
+        (tmp / "chat_template.jinja").write_text(files.chat_template)
+        out["chat_template"] = "chat_template.jinja"
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("vlmdeploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,1 @@
+"""vlmdeploy runtime: runs exported VLM artifacts with ONNX Runtime; never imports torch."""

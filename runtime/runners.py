@@ -1,0 +1,119 @@
+"""One runner interface for every backend.
+
+`runner.run(feeds, out=None)` checks the feeds against the graph's spec (from the manifest) and
+raises SpecError naming the tensor, the shape it got and what is allowed; then the backend runs.
+`out` maps output names to preallocated arrays the backend writes into (ORT: IOBinding), which is
+how the decoder writes the KV cache and logits without a copy in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .spec import GraphSpec, SpecError
+
+BACKENDS = ("ort-cpu",)
+
+
+class Runner:
+    """Base: feed checking and output-buffer checking; subclasses implement `_run`."""
+
+    def __init__(self, spec: GraphSpec):
+        self.spec = spec
+        self.last_run_s = 0.0  # time inside the backend's run call, for overhead measurements
+
+    def run(self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        dims = self.spec.check_feeds(feeds)
+        if out:
+            self._check_out(out, dims)
+        return self._run(feeds, out or {})
+
+    def _check_out(self, out: Mapping[str, np.ndarray], dims: dict[str, int]) -> None:
+        shapes = self.spec.output_shapes(dims)
+        for name, arr in out.items():
+            if name not in shapes:
+                raise SpecError(f"graph {self.spec.name!r}: no output named {name!r}; outputs are {list(shapes)}")
+            if arr.shape != shapes[name] or not arr.flags.c_contiguous:
+                raise SpecError(
+                    f"graph {self.spec.name!r} output buffer {name!r}: shape {list(arr.shape)} "
+                    f"(contiguous={arr.flags.c_contiguous}), needs contiguous {list(shapes[name])}"
+                )
+
+    def _run(self, feeds, out) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on the CPU."""
+
+    def __init__(self, path: str | Path, spec: GraphSpec, threads: int | None = None):
+        super().__init__(spec)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self._check_session_matches_spec(path)
+
+    def _check_session_matches_spec(self, path) -> None:
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        if got_in != self.spec.input_names or got_out != self.spec.output_names:
+            raise SpecError(
+                f"{path}: graph inputs {got_in} / outputs {got_out} differ from the manifest's spec "
+                f"{self.spec.input_names} / {self.spec.output_names}; re-run `vlmdeploy export`"
+            )
+
+    def _run(self, feeds, out) -> dict[str, np.ndarray]:
+        if not out:
+            t0 = time.perf_counter()
+            values = self.session.run(None, dict(feeds))
+            self.last_run_s = time.perf_counter() - t0
+            return dict(zip(self.spec.output_names, values))
+        return self._run_bound(feeds, out)
+
+    def _run_bound(self, feeds, out) -> dict[str, np.ndarray]:
+        """IOBinding: inputs by pointer, outputs written straight into the caller's buffers."""
+        binding = self.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.spec.output_names:
+            if name in out:
+                arr = out[name]
+                binding.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+            else:
+                binding.bind_output(name, "cpu")
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.last_run_s = time.perf_counter() - t0
+        fetched = binding.get_outputs()
+        result = dict(out)
+        for name, value in zip(self.spec.output_names, fetched):
+            if name not in out:
+                result[name] = value.numpy()
+        return result
+
+
+def make_runner(backend: str, path: str | Path, spec: GraphSpec, threads: int | None = None) -> Runner:
+    if backend == "ort-cpu":
+        return OrtRunner(path, spec, threads)
+    raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

@@ -1,0 +1,277 @@
+"""`VLM`: load an artifact directory and generate. No torch, no transformers.
+
+    images -> preprocess -> vision -> projector -> image_embeds [N, T, C]
+    prompt -> expand <image> -> tokenize -> embed -> [1, S, C] -> scatter image_embeds -> decoder loop
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .generate import Batch, Decoder, StepStats
+from .images import ImagePreprocessor, load_image
+from .manifest import Manifest, load_manifest
+from .runners import make_runner
+from .sampling import Sampler, SamplingParams
+from .text import IncrementalDetokenizer, TextProcessor, expand_image_placeholders, render_chat_template
+
+
+class PromptError(ValueError):
+    """A prompt that cannot run: placeholders vs images, too long for the context."""
+
+
+@dataclass
+class Timings:
+    time_to_first_token_s: float = 0.0
+    prefill_s: float = 0.0
+    vision_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    decode_step_overhead_s: float = 0.0  # per step, outside the embed/decoder graphs
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    timings: Timings = field(default_factory=Timings)
+
+    def to_dict(self) -> dict:
+        return {
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "timings": self.timings.to_dict(),
+        }
+
+
+@dataclass
+class _Row:
+    """One sequence of a batch while it generates."""
+
+    prompt_tokens: int
+    detok: IncrementalDetokenizer
+    stop: tuple[str, ...]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    def push(self, token: int, eos: set[int]) -> str:
+        """Accept a token; return the new text (stop strings and EOS not included)."""
+        if token in eos:
+            return self.finish("stop")
+        self.token_ids.append(token)
+        return self._append(self.detok.push(token))
+
+    def finish(self, reason: str) -> str:
+        """End the row; text held back for an incomplete character is released."""
+        self.finish_reason = reason
+        return self._append(self.detok.flush())
+
+    def _append(self, new: str) -> str:
+        before = len(self.text)
+        self.text += new
+        cut = _stop_index(self.text, self.stop, before)
+        if cut is not None:
+            self.text, self.finish_reason = self.text[:cut], "stop"
+        return self.text[before:]
+
+    def result(self, timings: "Timings") -> "GenerationResult":
+        return GenerationResult(self.token_ids, self.text, self.finish_reason or "length", self.prompt_tokens, timings)
+
+
+class _Generation:
+    """One batch generation; iterating it runs the decode loop and yields each row's new text."""
+
+    def __init__(self, vlm: "VLM", prompts: list[str], images: list[list], params: SamplingParams):
+        self.t_start = time.perf_counter()
+        self.vlm, self.params = vlm, params
+        self.batch, prompt_lens, vision_s = vlm._prepare(prompts, images)
+        self.rows = [_Row(n, IncrementalDetokenizer(vlm.text), params.stop) for n in prompt_lens]
+        self.timings = Timings(vision_s=vision_s)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        f, p = self.vlm.facts, self.params
+        max_new = min(p.max_new_tokens, f.context_length - self.batch.embeds.shape[1])
+        eos = set() if p.ignore_eos else set(f.eos_token_ids)
+        t_first = None
+        for tokens in self.vlm.decoder.tokens(self.batch, max_new, Sampler(p)):
+            t_first = t_first or time.perf_counter()
+            yield [r.push(int(t), eos) if r.finish_reason is None else "" for r, t in zip(self.rows, tokens)]
+            if all(r.finish_reason for r in self.rows):
+                break
+        yield [r.finish("length") if r.finish_reason is None else "" for r in self.rows]
+        _fill_timings(self.timings, self.batch.stats, self.t_start, t_first)
+
+    def results(self) -> list["GenerationResult"]:
+        return [r.result(self.timings) for r in self.rows]
+
+
+def _stop_index(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
+    """Index where the first stop string starts, searching only where new text could complete one."""
+    hits = [i for s in stops if (i := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+class VLM:
+    def __init__(self, directory: Path, manifest: Manifest, backend: str, threads: int | None):
+        self.directory, self.manifest, self.backend = directory, manifest, backend
+        self.facts = manifest.model
+        self.preprocess = ImagePreprocessor.from_dict(manifest.preprocess)
+        self.text = TextProcessor.from_files(directory / manifest.tokenizer_file)
+        self.chat_template = (directory / manifest.chat_template_file).read_text() if manifest.chat_template_file else None
+        self.runners = {
+            name: make_runner(backend, directory / manifest.graph_files[name], spec, threads)
+            for name, spec in manifest.graphs.items()
+        }
+        self.decoder = Decoder(self.runners["embed"], self.runners["decoder"], self.facts.dims)
+
+    @classmethod
+    def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True) -> "VLM":
+        """Open an artifact directory. `verify` checks every file's sha256 against the manifest."""
+        directory = Path(directory)
+        return cls(directory, load_manifest(directory, checksums=verify), backend, threads)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def generate(self, prompt: str, images: Sequence = (), **sampling) -> GenerationResult:
+        return self.generate_batch([prompt], [list(images)], **sampling)[0]
+
+    def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, **sampling) -> list[GenerationResult]:
+        """Left-padded batch; each row's tokens equal HF batch `generate`."""
+        images = [()] * len(prompts) if images is None else images
+        if len(images) != len(prompts):
+            raise PromptError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
+        gen = _Generation(self, list(prompts), [list(i) for i in images], SamplingParams(**_normalize(sampling)))
+        for _ in gen:
+            pass
+        return gen.results()
+
+    def stream(self, prompt: str, images: Sequence = (), **sampling) -> Iterator[str]:
+        """Yields text as it is generated."""
+        gen = _Generation(self, [prompt], [list(images)], SamplingParams(**_normalize(sampling)))
+        for deltas in gen:
+            if deltas[0]:
+                yield deltas[0]
+
+    def chat(self, messages: list[dict], **sampling) -> GenerationResult:
+        """vLLM-style messages; images given as {"type": "image", "image": PIL image | path | bytes}."""
+        prompt, images = self.render_chat(messages)
+        return self.generate(prompt, images, **sampling)
+
+    def render_chat(self, messages: list[dict]) -> tuple[str, list]:
+        if self.chat_template is None:
+            raise PromptError(f"{self.directory} has no chat template; use generate() with a raw prompt")
+        images, plain = _split_images(messages)
+        extra = {"bos_token": self.facts.bos_token, "eos_token": self.facts.eos_token}
+        return render_chat_template(self.chat_template, plain, add_generation_prompt=True, **extra), images
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _prepare(self, prompts: list[str], images: list[list]) -> tuple[Batch, list[int], float]:
+        ids = [self._tokenize(p, len(imgs)) for p, imgs in zip(prompts, images)]  # cheap checks first
+        t0 = time.perf_counter()
+        embeds_per_image = self._encode_images([img for imgs in images for img in imgs])  # [N, T, C]
+        vision_s = time.perf_counter() - t0
+        splits = np.cumsum([len(i) for i in images])[:-1]
+        embeds = [self._embed_row(row, feats) for row, feats in zip(ids, np.split(embeds_per_image, splits))]
+        return _left_pad(embeds), [len(r) for r in ids], vision_s
+
+    def _encode_images(self, images: list) -> np.ndarray:
+        d = self.facts.dims
+        if not images:
+            return np.zeros((0, d.vision_tokens, d.hidden), dtype=d.dtype)
+        pixels = self.preprocess([load_image(i) for i in images]).astype(d.dtype)  # [N, 3, H, W]
+        features = self.runners["vision"].run({"pixel_values": pixels})["image_features"]  # [N, T, Cv]
+        return self.runners["projector"].run({"image_features": features})["image_embeds"]  # [N, T, C]
+
+    def _tokenize(self, prompt: str, num_images: int) -> np.ndarray:
+        if not isinstance(prompt, str):
+            raise PromptError(f"prompt must be a str, got {type(prompt).__name__}")
+        f = self.facts
+        try:
+            text = expand_image_placeholders(prompt, f.image_token, f.tokens_per_image, num_images)
+        except ValueError as e:
+            raise PromptError(str(e)) from None
+        ids = np.asarray(self.text.encode(text), dtype=np.int64)
+        if len(ids) >= f.context_length:
+            raise PromptError(
+                f"prompt is {len(ids)} tokens ({num_images} image(s) x {f.tokens_per_image} visual tokens "
+                f"included) but the context is {f.context_length}; at most {f.context_length - 1} prompt "
+                "tokens leave room for one new token. Shorten the prompt or use fewer images."
+            )
+        return ids
+
+    def _embed_row(self, ids: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
+        """[S] ids + [n, T, C] image embeds -> [S, C] with image embeds at the <image> positions."""
+        embeds = self.runners["embed"].run({"input_ids": ids[None]})["inputs_embeds"][0]  # [S, C]
+        slots = ids == self.facts.image_token_id
+        if slots.sum() != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise PromptError(
+                f"the prompt holds {int(slots.sum())} image tokens but the images give "
+                f"{image_embeds.shape[0] * image_embeds.shape[1]} features; do not type the image token "
+                f"{self.facts.image_token!r} expanded by hand"
+            )
+        embeds[slots] = image_embeds.reshape(-1, embeds.shape[-1])
+        return embeds
+
+
+def _normalize(sampling: dict) -> dict:
+    if "stop" in sampling and sampling["stop"] is not None:
+        stop = sampling["stop"]
+        sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    elif "stop" in sampling:
+        sampling["stop"] = ()
+    return sampling
+
+
+def _left_pad(rows: list[np.ndarray]) -> Batch:
+    """[S_i, C] rows -> Batch with embeds [B, S, C] (zeros at pads) and mask [B, S]."""
+    s = max(r.shape[0] for r in rows)
+    embeds = np.zeros((len(rows), s, rows[0].shape[1]), dtype=rows[0].dtype)
+    mask = np.zeros((len(rows), s), dtype=np.int64)
+    for i, r in enumerate(rows):
+        embeds[i, s - r.shape[0]:] = r
+        mask[i, s - r.shape[0]:] = 1
+    return Batch(embeds, mask)
+
+
+def _split_images(messages: list[dict]) -> tuple[list, list[dict]]:
+    """Pull image objects out of message content (in order); the template only needs their type."""
+    images, plain = [], []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise PromptError(f"each message must be a dict with 'role' and 'content', got {m!r:.80}")
+        content = m.get("content")
+        if isinstance(content, list):
+            new = []
+            for item in content:
+                if item.get("type") == "image":
+                    if "image" not in item:
+                        raise PromptError("an image content item needs the image under 'image' (PIL image, path or bytes)")
+                    images.append(item["image"])
+                    item = {"type": "image"}
+                new.append(item)
+            m = dict(m, content=new)
+        plain.append(m)
+    return images, plain
+
+
+def _fill_timings(t: Timings, stats: StepStats, t_start: float, t_first: float | None) -> None:
+    t_end = time.perf_counter()
+    t.time_to_first_token_s = (t_first or t_end) - t_start
+    t.prefill_s = stats.prefill_s
+    t.total_s = t_end - t_start
+    t.decode_tokens_per_s = stats.steps / stats.step_s if stats.step_s else 0.0
+    t.decode_step_overhead_s = stats.overhead_per_step_s
