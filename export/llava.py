@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmdeploy.runtime.dummy import EXPORT_DIMS, VALIDATION_DIMS, sample_feeds  # noqa: F401 (family API)
 from vlmdeploy.runtime.images import ImagePreprocessor
 from vlmdeploy.runtime.manifest import ModelFacts
 from vlmdeploy.runtime.spec import ModelDims, llava_graph_specs
@@ -200,46 +201,6 @@ def graph_specs(facts: ModelFacts):
     return llava_graph_specs(facts.dims)
 
 
-def sample_feeds(graph: str, dims: dict[str, int], facts: ModelFacts, rng: np.random.Generator) -> dict:
-    """Random inputs for one graph at the given dims (validation and `check`)."""
-    return SAMPLERS[graph](dims, facts, rng)
-
-
-def _float(shape, facts, rng):
-    return rng.standard_normal(shape).astype(facts.dims.dtype)
-
-
-def _vision(dims, facts, rng):
-    return {"pixel_values": _float((dims["num_images"], 3, *facts.dims.image_size), facts, rng)}
-
-
-def _projector(dims, facts, rng):
-    d = facts.dims
-    return {"image_features": _float((dims["num_images"], d.vision_tokens, d.vision_hidden), facts, rng)}
-
-
-def _embed(dims, facts, rng):
-    return {"input_ids": rng.integers(0, facts.dims.vocab, (dims["batch"], dims["seq"]), dtype=np.int64)}
-
-
-def _decoder(dims, facts, rng):
-    """Left-padded rows: row b has `b` leading pads (capped), positions as HF generate computes them."""
-    d, b, s, p = facts.dims, dims["batch"], dims["seq"], dims["past"]
-    total = p + s
-    mask = np.ones((b, total), dtype=np.int64)
-    for row in range(b):
-        mask[row, : min(row, total - 1)] = 0
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, p:]
-    feeds = {
-        "inputs_embeds": _float((b, s, d.hidden), facts, rng),
-        "attention_mask": mask,
-        "position_ids": positions.astype(np.int64),
-    }
-    for name in llava_graph_specs(d)["decoder"].input_names[3:]:
-        feeds[name] = _float((b, d.kv_heads, p, d.head_dim), facts, rng)
-    return feeds
-
-
 def valid_positions(graph: str, feeds: dict, outputs: list[np.ndarray]) -> list[np.ndarray]:
     """Zero what padding makes meaningless: the decoder's logits and K/V at left-pad positions
     (a pad query attends to nothing; those values never reach a real token)."""
@@ -252,28 +213,6 @@ def valid_positions(graph: str, feeds: dict, outputs: list[np.ndarray]) -> list[
     return [logits, *kv]
 
 
-SAMPLERS = {"vision": _vision, "projector": _projector, "embed": _embed, "decoder": _decoder}
-
-# Shapes each graph is validated at after export (and run at by `vlmdeploy check`).
-VALIDATION_DIMS = {
-    "vision": [{"num_images": 1}, {"num_images": 3}],
-    "projector": [{"num_images": 1}, {"num_images": 2}],
-    "embed": [{"batch": 1, "seq": 7}, {"batch": 3, "seq": 2}],
-    "decoder": [
-        {"batch": 1, "seq": 6, "past": 0},
-        {"batch": 2, "seq": 5, "past": 0},
-        {"batch": 2, "seq": 1, "past": 9},
-        {"batch": 3, "seq": 3, "past": 4},
-    ],
-}
-
-# Example sizes for torch.onnx.export: all >= 2 so nothing specializes to 0/1.
-EXPORT_DIMS = {
-    "vision": {"num_images": 2},
-    "projector": {"num_images": 2},
-    "embed": {"batch": 2, "seq": 3},
-    "decoder": {"batch": 2, "seq": 3, "past": 4},
-}
 
 
 def model_class():

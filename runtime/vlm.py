@@ -18,7 +18,13 @@ from .images import ImagePreprocessor, load_image
 from .manifest import Manifest, load_manifest
 from .runners import make_runner
 from .sampling import Sampler, SamplingParams
-from .text import IncrementalDetokenizer, TextProcessor, expand_image_placeholders, render_chat_template
+from .text import (
+    IncrementalDetokenizer,
+    TextProcessor,
+    chat_prompt_adds_special_tokens,
+    expand_image_placeholders,
+    render_chat_template,
+)
 
 
 class PromptError(ValueError):
@@ -91,13 +97,20 @@ class _Row:
         return GenerationResult(self.token_ids, self.text, self.finish_reason or "length", self.prompt_tokens, timings)
 
 
+@dataclass(frozen=True)
+class _Request:
+    prompt: str
+    images: list
+    add_special_tokens: bool = True  # as HF's processor: yes for a raw prompt; chat: unless it starts with BOS
+
+
 class _Generation:
     """One batch generation; iterating it runs the decode loop and yields each row's new text."""
 
-    def __init__(self, vlm: "VLM", prompts: list[str], images: list[list], params: SamplingParams):
+    def __init__(self, vlm: "VLM", requests: list[_Request], params: SamplingParams):
         self.t_start = time.perf_counter()
         self.vlm, self.params = vlm, params
-        self.batch, prompt_lens, vision_s = vlm._prepare(prompts, images)
+        self.batch, prompt_lens, vision_s = vlm._prepare(requests)
         self.rows = [_Row(n, IncrementalDetokenizer(vlm.text), params.stop) for n in prompt_lens]
         self.timings = Timings(vision_s=vision_s)
 
@@ -146,31 +159,29 @@ class VLM:
     # ---- public API -------------------------------------------------------------------------
 
     def generate(self, prompt: str, images: Sequence = (), **sampling) -> GenerationResult:
-        return self.generate_batch([prompt], [list(images)], **sampling)[0]
+        """`prompt` is raw text with <image> placeholders, as given to HF's processor."""
+        return self._generate([_Request(prompt, list(images))], sampling)[0]
 
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, **sampling) -> list[GenerationResult]:
         """Left-padded batch; each row's tokens equal HF batch `generate`."""
         images = [()] * len(prompts) if images is None else images
         if len(images) != len(prompts):
             raise PromptError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
-        gen = _Generation(self, list(prompts), [list(i) for i in images], SamplingParams(**_normalize(sampling)))
-        for _ in gen:
-            pass
-        return gen.results()
+        return self._generate([_Request(p, list(i)) for p, i in zip(prompts, images)], sampling)
 
     def stream(self, prompt: str, images: Sequence = (), **sampling) -> Iterator[str]:
         """Yields text as it is generated."""
-        gen = _Generation(self, [prompt], [list(images)], SamplingParams(**_normalize(sampling)))
-        for deltas in gen:
-            if deltas[0]:
-                yield deltas[0]
+        return self._stream(_Request(prompt, list(images)), sampling)
 
     def chat(self, messages: list[dict], **sampling) -> GenerationResult:
         """vLLM-style messages; images given as {"type": "image", "image": PIL image | path | bytes}."""
-        prompt, images = self.render_chat(messages)
-        return self.generate(prompt, images, **sampling)
+        return self._generate([self._chat_request(messages)], sampling)[0]
+
+    def chat_stream(self, messages: list[dict], **sampling) -> Iterator[str]:
+        return self._stream(self._chat_request(messages), sampling)
 
     def render_chat(self, messages: list[dict]) -> tuple[str, list]:
+        """The prompt text the chat template renders, and the images in order of appearance."""
         if self.chat_template is None:
             raise PromptError(f"{self.directory} has no chat template; use generate() with a raw prompt")
         images, plain = _split_images(messages)
@@ -179,8 +190,25 @@ class VLM:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _prepare(self, prompts: list[str], images: list[list]) -> tuple[Batch, list[int], float]:
-        ids = [self._tokenize(p, len(imgs)) for p, imgs in zip(prompts, images)]  # cheap checks first
+    def _chat_request(self, messages: list[dict]) -> _Request:
+        prompt, images = self.render_chat(messages)
+        return _Request(prompt, images, chat_prompt_adds_special_tokens(prompt, self.facts.bos_token))
+
+    def _generate(self, requests: list[_Request], sampling: dict) -> list[GenerationResult]:
+        gen = _Generation(self, requests, SamplingParams(**_normalize(sampling)))
+        for _ in gen:
+            pass
+        return gen.results()
+
+    def _stream(self, request: _Request, sampling: dict) -> Iterator[str]:
+        gen = _Generation(self, [request], SamplingParams(**_normalize(sampling)))
+        for deltas in gen:
+            if deltas[0]:
+                yield deltas[0]
+
+    def _prepare(self, requests: list[_Request]) -> tuple[Batch, list[int], float]:
+        ids = [self._tokenize(r.prompt, len(r.images), r.add_special_tokens) for r in requests]  # cheap checks first
+        images = [r.images for r in requests]
         t0 = time.perf_counter()
         embeds_per_image = self._encode_images([img for imgs in images for img in imgs])  # [N, T, C]
         vision_s = time.perf_counter() - t0
@@ -196,7 +224,7 @@ class VLM:
         features = self.runners["vision"].run({"pixel_values": pixels})["image_features"]  # [N, T, Cv]
         return self.runners["projector"].run({"image_features": features})["image_embeds"]  # [N, T, C]
 
-    def _tokenize(self, prompt: str, num_images: int) -> np.ndarray:
+    def _tokenize(self, prompt: str, num_images: int, add_special_tokens: bool) -> np.ndarray:
         if not isinstance(prompt, str):
             raise PromptError(f"prompt must be a str, got {type(prompt).__name__}")
         f = self.facts
@@ -204,7 +232,7 @@ class VLM:
             text = expand_image_placeholders(prompt, f.image_token, f.tokens_per_image, num_images)
         except ValueError as e:
             raise PromptError(str(e)) from None
-        ids = np.asarray(self.text.encode(text), dtype=np.int64)
+        ids = np.asarray(self.text.encode(text, add_special_tokens=add_special_tokens), dtype=np.int64)
         if len(ids) >= f.context_length:
             raise PromptError(
                 f"prompt is {len(ids)} tokens ({num_images} image(s) x {f.tokens_per_image} visual tokens "

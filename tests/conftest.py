@@ -1,0 +1,67 @@
+"""Shared fixtures: seeded tiny LLaVA checkpoints, exported once per session."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmdeploy.export.recipes import TinyConfig
+
+# Variants cover: MHA vs GQA, feature layer -2 / -1 / a list, default vs full, two image sizes, pad-to-square.
+VARIANTS = {
+    "mha-default-l2": TinyConfig(seed=1, image_size=56, text_heads=4, text_kv_heads=4, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default"),
+    "gqa-full-l1": TinyConfig(seed=2, image_size=42, text_heads=4, text_kv_heads=2, vision_feature_layer=-1,
+                              vision_feature_select_strategy="full"),
+    "gqa-multilayer-pad": TinyConfig(seed=3, image_size=28, text_heads=8, text_kv_heads=2, text_hidden=64,
+                                     vision_feature_layer=[-3, -1], vision_feature_select_strategy="default",
+                                     do_pad=True),
+}
+
+
+@dataclasses.dataclass
+class Exported:
+    name: str
+    model: object  # transformers LlavaForConditionalGeneration
+    processor: object  # transformers LlavaProcessor
+    checkpoint: Path
+    artifact: Path
+
+
+@pytest.fixture(scope="session")
+def exported_factory(tmp_path_factory):
+    from vlmdeploy.export.exporter import export_model
+    from vlmdeploy.export.tiny import build_tiny_checkpoint
+
+    cache: dict[str, Exported] = {}
+
+    def get(name: str) -> Exported:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            model, processor = build_tiny_checkpoint(VARIANTS[name], root / "checkpoint")
+            export_model(str(root / "checkpoint"), root / "artifact", log=lambda msg: None)
+            cache[name] = Exported(name, model, processor, root / "checkpoint", root / "artifact")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny(exported_factory) -> Exported:
+    return exported_factory("mha-default-l2")
+
+
+def photo(name: str = "chelsea", size: tuple[int, int] | None = None) -> Image.Image:
+    import skimage.data
+
+    img = Image.fromarray(getattr(skimage.data, name)())
+    return img.resize(size) if size else img
+
+
+def noise_image(seed: int, size=(40, 30), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
