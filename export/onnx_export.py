@@ -52,18 +52,28 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, example: dict[str, np
             dynamic_shapes=dynamic_shapes(spec, module), verbose=False,
         )
     program.save(str(path), external_data=True)
-    _check_names(path, spec)
+    stamp_spec_dims(path, spec)
 
 
-def _check_names(path: Path, spec: GraphSpec) -> None:
-    graph = onnx.load(str(path), load_external_data=False).graph
-    got_in = [i.name for i in graph.input]
-    got_out = [o.name for o in graph.output]
+def stamp_spec_dims(path: Path, spec: GraphSpec) -> None:
+    """Check IO names and write the spec's dim names into the graph's IO shapes (the exporter names
+    derived dims by expression, e.g. 'past + seq'; TensorRT profiles and readers want 'total')."""
+    model = onnx.load(str(path), load_external_data=False)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
     if got_in != spec.input_names or got_out != spec.output_names:
         raise RuntimeError(
             f"{path.name}: exported inputs {got_in} / outputs {got_out} differ from the spec "
             f"{spec.input_names} / {spec.output_names}"
         )
+    for value, tensor in zip([*model.graph.input, *model.graph.output], [*spec.inputs, *spec.outputs]):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(tensor.shape):
+            raise RuntimeError(f"{path.name}: {tensor.name} has rank {len(dims)}, spec says {len(tensor.shape)}")
+        for dim, want in zip(dims, tensor.shape):
+            if isinstance(want, str):
+                dim.dim_param = want
+    onnx.save(model, str(path))
 
 
 def max_abs_diff(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:

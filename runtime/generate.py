@@ -47,6 +47,13 @@ class Decoder:
     def __init__(self, embed: Runner, decoder: Runner, dims: ModelDims):
         self.embed, self.decoder, self.dims = embed, decoder, dims
 
+    def prefill_logits(self, batch: Batch) -> np.ndarray:
+        """One decoder pass over the prompt: logits [B, S, V]."""
+        b, s, _ = batch.embeds.shape
+        cache = KVCache(self.dims.num_layers, b, self.dims.kv_heads, self.dims.head_dim, s, batch.embeds.dtype)
+        positions = np.maximum(np.cumsum(batch.mask, axis=1) - 1, 0).astype(np.int64)  # [B, S]
+        return self._run(cache, batch.embeds, batch.mask, positions, batch.stats, out_logits=None)
+
     def tokens(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[np.ndarray]:
         """Yields the sampled token ids [B] of each step."""
         b, s, _ = batch.embeds.shape

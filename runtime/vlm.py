@@ -180,6 +180,11 @@ class VLM:
     def chat_stream(self, messages: list[dict], **sampling) -> Iterator[str]:
         return self._stream(self._chat_request(messages), sampling)
 
+    def prefill_logits(self, prompt: str, images: Sequence = ()) -> np.ndarray:
+        """Logits [1, S, V] over the prompt (as HF's forward on the processor's inputs)."""
+        batch, _, _ = self._prepare([_Request(prompt, list(images))])
+        return self.decoder.prefill_logits(batch)
+
     def render_chat(self, messages: list[dict]) -> tuple[str, list]:
         """The prompt text the chat template renders, and the images in order of appearance."""
         if self.chat_template is None:

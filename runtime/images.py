@@ -1,0 +1,421 @@
+"""Image loading and LLaVA-1.5 preprocessing in numpy + Pillow (no torch, no transformers).
+
+Matches transformers' PIL-backend ``CLIPImageProcessor`` / ``LlavaImageProcessor`` bit for bit
+(up to float32 rounding): the same Pillow calls (RGB conversion, resize) and the same numpy
+arithmetic (float64 rescale cast to float32, float32 normalize).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+# image_processor_type -> family. Without torchvision, transformers 5.x runs every one of these
+# (the plain, "Fast" and "Pil" names) with its PIL backend, which is what we reproduce.
+_HF_TYPES = {
+    f"{family}ImageProcessor{suffix}": family.lower()
+    for family in ("CLIP", "Llava")
+    for suffix in ("", "Fast", "Pil")
+}
+_HF_FEATURE_EXTRACTORS = {"CLIPFeatureExtractor": "clip"}  # pre-ImageProcessor checkpoints
+
+
+class ImageError(ValueError):
+    """An image that cannot be loaded or preprocessed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_image(source: Any, exif_transpose: bool = True) -> Image.Image:
+    """Decode a path, bytes or PIL image fully (so truncation fails here, not later).
+
+    Keeps the image mode (alpha is handled by the preprocessor). Applies the EXIF orientation,
+    as transformers' ``load_image`` does.
+    """
+    name, opener = _opener(source)
+    try:
+        image = opener()
+        image.load()
+    except FileNotFoundError as e:
+        raise ImageError(f"{name} does not exist: {e}") from e
+    except IsADirectoryError as e:
+        raise ImageError(f"{name} is a directory, not an image file") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{name} is not a readable image (not a format Pillow knows)") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name} is not a readable image (too many pixels): {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = "truncated file" if "truncated" in str(e).lower() else "corrupt data"
+        raise ImageError(f"{name} is not a readable image ({reason}): {e}") from e
+    return ImageOps.exif_transpose(image) if exif_transpose else image
+
+
+def _opener(source: Any):
+    """(name for messages, zero-arg callable returning an unloaded PIL image)."""
+    if isinstance(source, Image.Image):
+        return "image", lambda: source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return f"<{len(data)} bytes>", lambda: Image.open(io.BytesIO(data))
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        return path, lambda: _open_path(path)
+    raise ImageError(
+        f"cannot load an image from a {type(source).__name__}; "
+        "allowed: a path (str or pathlib.Path), bytes, or a PIL.Image.Image"
+    )
+
+
+def _open_path(path: str) -> Image.Image:
+    with open(path, "rb") as f:  # read eagerly: no file handle stays open
+        data = f.read()
+    return Image.open(io.BytesIO(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """LLaVA-1.5 image preprocessing; defaults are transformers' CLIPImageProcessor defaults.
+
+    Order: convert to RGB -> pad to square (Llava ``do_pad``) -> resize -> center crop ->
+    rescale -> normalize. Resize target is ``shortest_edge`` or ``size_hw`` (exactly one).
+    """
+
+    do_convert_rgb: bool = True
+    do_pad: bool = False  # LlavaImageProcessor: pad to square with the mean colour first
+    do_resize: bool = True
+    shortest_edge: int | None = 224
+    size_hw: tuple[int, int] | None = None
+    resample: int | None = 3  # PIL code; 3 = BICUBIC
+    do_center_crop: bool = True
+    crop_size: tuple[int, int] | None = (224, 224)  # (h, w)
+    do_rescale: bool = True
+    rescale_factor: float | None = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] | None = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] | None = OPENAI_CLIP_STD
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _coerce_field(f.name, value))
+        _check_required(self)
+        if self._fixed_size() is None:
+            raise ValueError(
+                "preprocessing without a center crop, a height/width resize, or pad+shortest_edge "
+                "resize gives a size that depends on each image; pixel_values needs one fixed size"
+            )
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> ImagePreprocessor:
+        """From a ``preprocessor_config.json`` dict or a 5.x ``processor_config.json``'s
+        ``"image_processor"`` dict, with transformers' class defaults for absent keys."""
+        if not isinstance(d, dict):
+            raise ValueError(f"image processor config must be a dict, got {type(d).__name__}")
+        family = _hf_family(d)
+        get = d.get  # a key present with null stays null, as in HF
+        size = _hf_size(get("size", {"shortest_edge": 224}), bool(get("default_to_square", False)))
+        if family == "clip" and d.get("use_square_size"):
+            size = {"height": 224, "width": 224}  # HF uses the CLASS default (224), not `size`
+        return cls(
+            do_convert_rgb=_hf_flag(d, "do_convert_rgb"),
+            # CLIP's own do_pad pads the batch to its largest image: a no-op at a fixed size.
+            do_pad=family == "llava" and _hf_flag(d, "do_pad", False),
+            do_resize=_hf_flag(d, "do_resize"),
+            shortest_edge=(size or {}).get("shortest_edge"),
+            size_hw=(size["height"], size["width"]) if size and "height" in size else None,
+            resample=get("resample", 3),
+            do_center_crop=_hf_flag(d, "do_center_crop"),
+            crop_size=_hf_crop(get("crop_size", {"height": 224, "width": 224})),
+            do_rescale=_hf_flag(d, "do_rescale"),
+            rescale_factor=get("rescale_factor", 1 / 255),
+            do_normalize=_hf_flag(d, "do_normalize"),
+            image_mean=_hf_triple(get("image_mean", OPENAI_CLIP_MEAN)),
+            image_std=_hf_triple(get("image_std", OPENAI_CLIP_STD)),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImagePreprocessor:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            allowed = [f.name for f in fields(cls)]
+            raise ValueError(f"unknown image preprocessor keys {unknown}; allowed: {allowed}")
+        return cls(**d)
+
+    # -- use ---------------------------------------------------------------------------------
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(H, W) of pixel_values."""
+        return self._fixed_size()
+
+    def __call__(self, images: Sequence[Image.Image] | Image.Image) -> np.ndarray:
+        """-> float32 [n, 3, H, W], equal to HF ``processor(images)["pixel_values"]``."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        out = [self._one(image, i) for i, image in enumerate(images)]  # n x [3, H, W]
+        if not out:
+            return np.zeros((0, 3, *self.output_size), np.float32)
+        return np.stack(out)  # [n, 3, H, W]
+
+    def _one(self, image: Image.Image, i: int) -> np.ndarray:
+        if not isinstance(image, Image.Image):
+            raise ImageError(
+                f"images[{i}] is a {type(image).__name__}; expected a PIL.Image.Image "
+                "(use load_image() for paths and bytes)"
+            )
+        if image.width == 0 or image.height == 0:
+            raise ImageError(f"images[{i}] is empty ({image.width}x{image.height} pixels)")
+        try:
+            pixels = self._rgb(image, i)  # [h, w, 3] uint8
+        except OSError as e:  # a lazily opened file that fails to decode
+            raise ImageError(f"images[{i}] is not a readable image: {e}") from e
+        except ImageError:
+            raise
+        except ValueError as e:  # e.g. Pillow has no conversion from this mode
+            mode = image.mode
+            raise ImageError(f"images[{i}] (mode {mode!r}) cannot be converted to RGB: {e}") from e
+        return self._transform(pixels).transpose(2, 0, 1)  # [3, H, W]
+
+    def _rgb(self, image: Image.Image, i: int) -> np.ndarray:
+        if self.do_convert_rgb:
+            return np.asarray(to_rgb(image))
+        if image.mode != "RGB":
+            raise ImageError(
+                f"images[{i}] has mode {image.mode!r} but do_convert_rgb is off; "
+                "only RGB is allowed"
+            )
+        return np.asarray(image)
+
+    def _transform(self, pixels: np.ndarray) -> np.ndarray:
+        """[h, w, 3] uint8 -> [H, W, 3] float32."""
+        if self.do_pad:
+            pixels = pad_to_square(pixels, _pad_color(self.image_mean))
+        if self.do_resize:
+            pixels = self._resize(pixels)
+        if self.do_center_crop:
+            pixels = center_crop(pixels, self.crop_size)
+        if self.do_rescale:
+            x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)  # as HF
+        else:
+            x = pixels.astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, np.float32)
+            x = (x - mean) / np.asarray(self.image_std, np.float32)  # float32 throughout, as HF
+        return x
+
+    def _resize(self, pixels: np.ndarray) -> np.ndarray:
+        h, w = pixels.shape[:2]
+        oh, ow = self.size_hw or shortest_edge_size(h, w, self.shortest_edge)
+        resized = Image.fromarray(pixels).resize((ow, oh), resample=self.resample)
+        return np.asarray(resized)  # [oh, ow, 3] uint8
+
+    def _fixed_size(self) -> tuple[int, int] | None:
+        if self.do_center_crop:
+            return self.crop_size
+        if self.do_resize and self.size_hw:
+            return self.size_hw
+        if self.do_resize and self.do_pad:
+            return (self.shortest_edge, self.shortest_edge)  # square in, square out
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps (public so they can be tested and reused)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: anything with alpha or a transparency key is composited
+    onto WHITE; everything else goes through Pillow's ``convert("RGB")``."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def shortest_edge_size(h: int, w: int, shortest_edge: int) -> tuple[int, int]:
+    """Short side -> shortest_edge, long side truncated (int), as HF / torchvision."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if w <= h else (shortest_edge, new_long)
+
+
+def pad_to_square(pixels: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """[h, w, 3] -> [m, m, 3], m = max(h, w); the image centred, offset (m - side) // 2."""
+    h, w = pixels.shape[:2]
+    if h == w:
+        return pixels
+    m = max(h, w)
+    out = np.empty((m, m, 3), pixels.dtype)
+    out[:] = np.asarray(color, pixels.dtype)
+    top, left = (m - h) // 2, (m - w) // 2
+    out[top : top + h, left : left + w] = pixels
+    return out
+
+
+def center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[h, w, C] -> [ch, cw, C]; a side smaller than the crop is zero-padded, the image placed
+    at ceil((c - side) / 2), as HF's numpy center_crop."""
+    (h, w), (ch, cw) = pixels.shape[:2], size
+    if h < ch or w < cw:
+        canvas = np.zeros((max(h, ch), max(w, cw), *pixels.shape[2:]), pixels.dtype)
+        top, left = math.ceil(max(ch - h, 0) / 2), math.ceil(max(cw - w, 0) / 2)
+        canvas[top : top + h, left : left + w] = pixels
+        pixels, (h, w) = canvas, canvas.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return pixels[top : top + ch, left : left + cw]
+
+
+def _pad_color(mean: tuple[float, float, float] | None) -> tuple[int, int, int]:
+    return tuple(int(x * 255) for x in mean) if mean else (0, 0, 0)  # truncated, as HF
+
+
+# ---------------------------------------------------------------------------------------------
+# Field validation
+
+
+def _coerce_field(name: str, value: Any) -> Any:
+    if name.startswith("do_"):
+        return _check_bool(name, value)
+    if value is None:
+        return None
+    if name in ("shortest_edge", "resample"):
+        return _check_int(name, value, 0 if name == "resample" else 1)
+    if name in ("size_hw", "crop_size"):
+        return _check_pair(name, value)
+    if name == "rescale_factor":
+        return _check_number(name, value)
+    return _check_triple(name, value)  # image_mean, image_std
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if name == "resample" and value not in RESAMPLE_NAMES:
+        raise ValueError(f"resample must be a PIL code in {RESAMPLE_NAMES}, got {value!r}")
+    return int(value)
+
+
+def _check_pair(name: str, value: Any) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{name} must be (height, width), got {value!r}")
+    return tuple(_check_int(name, v, 1) for v in value)
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_triple(name: str, value: Any) -> tuple[float, float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"{name} must have 3 values (R, G, B), got {value!r}")
+    return tuple(_check_number(name, v) for v in value)
+
+
+def _check_required(p: ImagePreprocessor) -> None:
+    needs = [
+        (p.do_resize, p.resample is not None, "do_resize needs resample"),
+        (p.do_resize, (p.shortest_edge is None) != (p.size_hw is None),
+         "do_resize needs exactly one of shortest_edge or size_hw"),
+        (p.do_center_crop, p.crop_size is not None, "do_center_crop needs crop_size"),
+        (p.do_rescale, p.rescale_factor is not None, "do_rescale needs rescale_factor"),
+        (p.do_normalize, p.image_mean is not None and p.image_std is not None,
+         "do_normalize needs image_mean and image_std"),
+        (p.do_normalize, p.image_std is None or 0.0 not in p.image_std,
+         "image_std must not contain 0"),
+    ]
+    for active, ok, message in needs:
+        if active and not ok:
+            raise ValueError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers config -> fields (HF's rules: a key absent takes the class default; a key present
+# with null stays null, so a null do_* flag is off)
+
+
+def _hf_family(d: dict) -> str:
+    kind = d.get("image_processor_type")
+    if kind is None and d.get("feature_extractor_type") in _HF_FEATURE_EXTRACTORS:
+        return _HF_FEATURE_EXTRACTORS[d["feature_extractor_type"]]
+    if kind is None and "image_processor" in d:
+        raise ValueError('this is a whole processor config: pass its "image_processor" dict')
+    if kind not in _HF_TYPES:
+        raise ValueError(
+            f"unsupported image_processor_type {kind!r}; supported: {sorted(_HF_TYPES)}"
+        )
+    return _HF_TYPES[kind]
+
+
+def _hf_flag(d: dict, key: str, default: bool = True) -> bool:
+    value = d.get(key, default)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true, false or null, got {value!r}")
+    return bool(value)
+
+
+def _hf_size(size: Any, default_to_square: bool) -> dict | None:
+    """HF get_size_dict for `size`: int -> shortest_edge (or square), [h, w], or a dict."""
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        return {"height": size, "width": size} if default_to_square else {"shortest_edge": size}
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return {"height": size[0], "width": size[1]}
+    if isinstance(size, dict) and set(size) in ({"shortest_edge"}, {"height", "width"}):
+        return size
+    raise ValueError(
+        f"unsupported size {size!r}; allowed: an int, [height, width], "
+        '{"shortest_edge": n} or {"height": h, "width": w}'
+    )
+
+
+def _hf_crop(crop: Any) -> tuple[int, int] | None:
+    if crop is None:
+        return None
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        return (crop, crop)
+    if isinstance(crop, (list, tuple)) and len(crop) == 2:
+        return tuple(crop)
+    if isinstance(crop, dict) and set(crop) == {"height", "width"}:
+        return (crop["height"], crop["width"])
+    raise ValueError(
+        f"unsupported crop_size {crop!r}; allowed: an int, [height, width] or "
+        '{"height": h, "width": w}'
+    )
+
+
+def _hf_triple(value: Any) -> Any:
+    """HF allows one float for all channels."""
+    is_scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (value,) * 3 if is_scalar else value

@@ -1,0 +1,415 @@
+"""runtime/images.py against transformers' PIL-backend CLIP / Llava image processors."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmdeploy.runtime.images import ImageError, ImagePreprocessor, load_image
+
+skdata = pytest.importorskip("skimage.data")
+transformers = pytest.importorskip("transformers")
+# The PIL classes are what `CLIPImageProcessor` / `LlavaImageProcessor` resolve to without
+# torchvision; naming them keeps the reference the same when torchvision is present.
+from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil  # noqa: E402
+
+TOL = 1e-5
+CLIP, LLAVA = "CLIPImageProcessor", "LlavaImageProcessor"
+MEAN = [0.48145466, 0.4578275, 0.40821073]
+STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def _rgb(a):
+    return Image.fromarray(a)
+
+
+def _photos():
+    chelsea, coffee = _rgb(skdata.chelsea()), _rgb(skdata.coffee())
+    astronaut = _rgb(skdata.astronaut())
+    return {
+        "chelsea": chelsea,  # 451x300 landscape
+        "astronaut": astronaut,  # square
+        "coffee": coffee,  # 600x400 landscape
+        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
+        "trunc_round": chelsea.resize((300, 457)),  # 30*457/300 = 45.7: int() != round()
+        "odd": astronaut.resize((333, 211)),
+        "tiny": chelsea.resize((20, 13)),  # smaller than every crop used
+        "sliver": astronaut.resize((5, 1)),
+    }
+
+
+def _with_alpha(rgb, mode):
+    a = np.asarray(rgb)
+    h, w = a.shape[:2]
+    alpha = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))  # [h, w], 0 -> 255
+    alpha[: h // 4] = 0  # a fully transparent band
+    if mode == "LA":
+        return Image.merge("LA", (rgb.convert("L"), Image.fromarray(alpha)))
+    return Image.fromarray(np.dstack([a, alpha]), "RGBA")
+
+
+def _png_roundtrip(image):
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return load_image(buf.getvalue())
+
+
+def _modes():
+    cat = _rgb(skdata.chelsea())
+    p = cat.quantize(64)
+    p_trans = p.copy()
+    p_trans.info["transparency"] = int(np.asarray(p)[150, 200])  # a colour used on the cat
+    l_trans = cat.convert("L")
+    l_trans.info["transparency"] = int(np.asarray(l_trans)[150, 200])
+    rgba_palette = _with_alpha(cat, "RGBA").quantize(64, method=Image.Quantize.FASTOCTREE)
+    ramp = (np.arange(300 * 451, dtype=np.uint32).reshape(300, 451) * 7 % 65536).astype(np.uint16)
+    return {
+        "RGBA": _with_alpha(cat, "RGBA"),
+        "LA": _with_alpha(cat, "LA"),
+        "L": cat.convert("L"),
+        "L+transparency": l_trans,
+        "CMYK": cat.convert("CMYK"),
+        "P": p,
+        "P+transparency": p_trans,
+        "P+transparency.png": _png_roundtrip(p_trans),
+        "RGBA.png": _png_roundtrip(_with_alpha(cat, "RGBA")),
+        "P+rgba_palette": rgba_palette,  # alpha only in the palette: HF ignores it
+        "P+rgba_palette.png": _png_roundtrip(rgba_palette),  # alpha now a tRNS chunk: composited
+        "PA": _with_alpha(cat, "RGBA").convert("PA"),
+        "I;16": Image.fromarray(ramp),
+        "I": Image.fromarray(ramp.astype(np.int32)),
+        "1": cat.convert("1"),
+    }
+
+
+@pytest.fixture(scope="module")
+def images():
+    return {**_photos(), **_modes()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical parity with HF
+
+
+def _hw(h, w):
+    return {"height": h, "width": w}
+
+
+HF_CASES = {
+    "clip336": lambda: CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size=_hw(336, 336)),
+    "llava_pad336": lambda: LlavaImageProcessorPil(
+        do_pad=True, size={"shortest_edge": 336}, crop_size=_hw(336, 336)
+    ),
+    "clip_small": lambda: CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size=_hw(28, 28)),
+    "llava_pad_small": lambda: LlavaImageProcessorPil(do_pad=True, size=30, crop_size=28),
+    "hw_then_pad_crop": lambda: CLIPImageProcessorPil(size=_hw(21, 41), crop_size=_hw(28, 27)),
+    "no_resize_crop": lambda: CLIPImageProcessorPil(do_resize=False, crop_size=_hw(29, 28)),
+    "llava_pad_no_crop": lambda: LlavaImageProcessorPil(do_pad=True, do_center_crop=False, size=30),
+    "bilinear": lambda: CLIPImageProcessorPil(size=30, crop_size=28, resample=2),
+    "nearest": lambda: CLIPImageProcessorPil(size=30, crop_size=28, resample=0),
+    "lanczos": lambda: CLIPImageProcessorPil(size=30, crop_size=28, resample=1),
+    "rescale_only": lambda: CLIPImageProcessorPil(size=30, crop_size=28, do_normalize=False),
+    "normalize_only": lambda: CLIPImageProcessorPil(size=30, crop_size=28, do_rescale=False),
+}
+
+
+def _max_diffs(hf, images):
+    ours = ImagePreprocessor.from_hf_config(hf.to_dict())
+    names = list(images)
+    expected = hf(images=[images[n] for n in names], return_tensors="np")["pixel_values"]
+    got = ours([images[n] for n in names])
+    assert got.dtype == np.float32
+    assert got.shape == expected.shape == (len(names), 3, *ours.output_size)
+    return {n: float(np.abs(got[i] - expected[i]).max()) for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_matches_hf(case, images):
+    diffs = _max_diffs(HF_CASES[case](), images)
+    bad = {n: d for n, d in diffs.items() if not d <= TOL}
+    assert not bad, f"{case}: max abs diff above {TOL}: {bad}"
+
+
+def test_rgba_is_composited_on_white(images):
+    """The difference from a plain convert("RGB") is real, so the RGBA case tests something."""
+    pre = ImagePreprocessor.from_hf_config(HF_CASES["clip_small"]().to_dict())
+    rgba = images["RGBA"]
+    assert np.abs(pre([rgba]) - pre([rgba.convert("RGB")])).max() > 0.5
+
+
+def test_default_class_names_use_the_pil_backend():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        assert transformers.CLIPImageProcessor is CLIPImageProcessorPil
+        assert transformers.LlavaImageProcessor is LlavaImageProcessorPil
+    else:
+        pytest.skip("torchvision installed: the default class is the torchvision backend")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config parsing
+
+LLAVA_HF_4X = {  # preprocessor_config.json as transformers 4.x wrote it for llava-1.5
+    "crop_size": {"height": 336, "width": 336},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": MEAN,
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": STD,
+    "processor_class": "LlavaProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 336},
+}
+PROCESSOR_5X = {  # processor_config.json as transformers 5.x writes it
+    "image_processor": {
+        "do_pad": True,
+        "size": {"shortest_edge": 336},
+        "crop_size": {"height": 336, "width": 336},
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 0.00392156862745098,
+        "do_normalize": True,
+        "do_center_crop": True,
+        "image_mean": MEAN,
+        "image_std": STD,
+        "image_processor_type": "LlavaImageProcessor",
+    },
+    "image_token": "<image>",
+    "num_additional_image_tokens": 1,
+    "patch_size": 14,
+    "processor_class": "LlavaProcessor",
+    "vision_feature_select_strategy": "default",
+}
+CONFIGS = {
+    "llava_hf_4x": (LLAVA_HF_4X, CLIPImageProcessorPil),
+    "processor_5x": (PROCESSOR_5X["image_processor"], LlavaImageProcessorPil),
+    "feature_extractor_ints": (
+        {"feature_extractor_type": "CLIPFeatureExtractor", "size": 30, "crop_size": 28},
+        CLIPImageProcessorPil,
+    ),
+    "fast_defaults_only": ({"image_processor_type": LLAVA + "Fast"}, LlavaImageProcessorPil),
+    "clip_fast_lists": (
+        {"image_processor_type": CLIP + "Fast", "size": [24, 40], "crop_size": [20, 30]},
+        CLIPImageProcessorPil,
+    ),
+    "int_size_default_to_square": (
+        {"image_processor_type": CLIP, "size": 32, "default_to_square": True, "crop_size": 28},
+        CLIPImageProcessorPil,
+    ),
+    "nulls_turn_steps_off": (
+        {
+            "image_processor_type": LLAVA,
+            "size": _hw(32, 48),
+            "do_center_crop": None,
+            "crop_size": None,
+            "do_normalize": None,
+            "do_pad": None,
+        },
+        LlavaImageProcessorPil,
+    ),
+    "use_square_size": (
+        {"image_processor_type": CLIP, "use_square_size": True, "size": {"shortest_edge": 64}},
+        CLIPImageProcessorPil,
+    ),
+    "scalar_mean_std": (
+        {"image_processor_type": CLIP, "image_mean": 0.5, "image_std": 0.25, "size": 30,
+         "crop_size": 28},
+        CLIPImageProcessorPil,
+    ),
+}
+EXPECTED_SIZE = {
+    "llava_hf_4x": (336, 336),
+    "processor_5x": (336, 336),
+    "feature_extractor_ints": (28, 28),
+    "fast_defaults_only": (224, 224),
+    "clip_fast_lists": (20, 30),
+    "int_size_default_to_square": (28, 28),
+    "nulls_turn_steps_off": (32, 48),
+    "use_square_size": (224, 224),  # HF takes the class default 224, not size
+    "scalar_mean_std": (28, 28),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_from_hf_config_matches_hf_from_dict(name, images):
+    d, hf_cls = CONFIGS[name]
+    pre = ImagePreprocessor.from_hf_config(d)
+    assert pre.output_size == EXPECTED_SIZE[name]
+    subset = {k: images[k] for k in ("chelsea", "portrait", "tiny", "RGBA")}
+    diffs = _max_diffs_between(hf_cls.from_dict(dict(d)), pre, subset)
+    assert max(diffs.values()) <= TOL, diffs
+
+
+def _max_diffs_between(hf, pre, images):
+    expected = hf(images=list(images.values()), return_tensors="np")["pixel_values"]
+    got = pre(list(images.values()))
+    assert got.shape == expected.shape
+    return {n: float(np.abs(got[i] - expected[i]).max()) for i, n in enumerate(images)}
+
+
+def test_from_hf_config_fields():
+    clip = ImagePreprocessor.from_hf_config(LLAVA_HF_4X)
+    llava = ImagePreprocessor.from_hf_config(PROCESSOR_5X["image_processor"])
+    assert (clip.shortest_edge, clip.crop_size, clip.resample) == (336, (336, 336), 3)
+    assert not clip.do_pad
+    assert llava.do_pad and llava.image_mean == tuple(MEAN) and llava.image_std == tuple(STD)
+    defaults = ImagePreprocessor.from_hf_config({"image_processor_type": CLIP + "Pil"})
+    assert defaults == ImagePreprocessor() and defaults.output_size == (224, 224)
+
+
+def test_clip_do_pad_is_not_pad_to_square():
+    """CLIP's do_pad pads a batch to its largest image (a no-op at a fixed size), not to square."""
+    pre = ImagePreprocessor.from_hf_config({**LLAVA_HF_4X, "do_pad": True})
+    assert not pre.do_pad
+
+
+def test_to_dict_round_trip():
+    for pre in (ImagePreprocessor.from_hf_config(d) for d, _ in CONFIGS.values()):
+        stored = json.loads(json.dumps(pre.to_dict()))
+        assert ImagePreprocessor.from_dict(stored) == pre
+        assert all(not isinstance(v, tuple) for v in stored.values())
+
+
+@pytest.mark.parametrize(
+    "d, words",
+    [
+        ({"image_processor_type": "SiglipImageProcessor"}, ["unsupported image_processor_type", "CLIP"]),
+        ({"size": {"shortest_edge": 336}}, ["unsupported image_processor_type", "None"]),
+        (PROCESSOR_5X, ['"image_processor" dict']),
+        ({**LLAVA_HF_4X, "size": {"shortest_edge": 336, "longest_edge": 500}}, ["unsupported size"]),
+        ({**LLAVA_HF_4X, "size": {"width": 336}}, ["unsupported size", "height"]),
+        ({**LLAVA_HF_4X, "crop_size": {"shortest_edge": 336}}, ["unsupported crop_size"]),
+        ({**LLAVA_HF_4X, "resample": 9}, ["resample", "9", "bicubic"]),
+        ({**LLAVA_HF_4X, "image_mean": [0.5, 0.5]}, ["image_mean", "3 values"]),
+        ({**LLAVA_HF_4X, "do_resize": "yes"}, ["do_resize", "true, false or null"]),
+        ({**LLAVA_HF_4X, "do_center_crop": False}, ["fixed size"]),
+        ({**LLAVA_HF_4X, "size": None}, ["do_resize needs exactly one of shortest_edge"]),
+        ({**LLAVA_HF_4X, "image_std": [0.5, 0.0, 0.5]}, ["image_std must not contain 0"]),
+    ],
+)
+def test_from_hf_config_rejects(d, words):
+    with pytest.raises(ValueError) as err:
+        ImagePreprocessor.from_hf_config(d)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown image preprocessor keys.*'size'"):
+        ImagePreprocessor.from_dict({**ImagePreprocessor().to_dict(), "size": 3})
+
+
+# ---------------------------------------------------------------------------------------------
+# Calling
+
+
+def test_empty_batch_and_single_image(images):
+    pre = ImagePreprocessor.from_hf_config(CONFIGS["feature_extractor_ints"][0])
+    empty = pre([])
+    assert empty.shape == (0, 3, 28, 28) and empty.dtype == np.float32
+    assert np.array_equal(pre(images["chelsea"]), pre([images["chelsea"]]))
+
+
+def test_call_rejects_bad_inputs(images):
+    pre = ImagePreprocessor(shortest_edge=30, crop_size=(28, 28))
+    with pytest.raises(ImageError, match=r"images\[1\] is a str; expected a PIL.Image.Image"):
+        pre([images["chelsea"], "cat.jpg"])
+    with pytest.raises(ImageError, match=r"images\[0\] is empty"):
+        pre([Image.new("RGB", (0, 4))])
+    with pytest.raises(ImageError, match=r"mode 'L' but do_convert_rgb is off"):
+        ImagePreprocessor(do_convert_rgb=False, shortest_edge=30, crop_size=(28, 28))([images["L"]])
+
+
+def test_lazily_opened_truncated_image_fails_clearly():
+    lazy = Image.open(io.BytesIO(_jpeg_bytes()[:5000]))  # header parses, data is cut
+    with pytest.raises(ImageError, match=r"images\[0\] is not a readable image.*truncated"):
+        ImagePreprocessor()([lazy])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _jpeg_bytes():
+    buf = io.BytesIO()
+    _rgb(skdata.chelsea()).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _png_bytes():
+    buf = io.BytesIO()
+    _with_alpha(_rgb(skdata.chelsea()), "RGBA").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_load_image_sources(tmp_path):
+    path = tmp_path / "cat.png"
+    path.write_bytes(_png_bytes())
+    for source in (path, str(path), path.read_bytes(), Image.open(path)):
+        image = load_image(source)
+        assert image.mode == "RGBA" and image.size == (451, 300)  # alpha kept for compositing
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(path)))
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    _rgb(skdata.chelsea()).save(path, "JPEG", exif=exif)
+    assert load_image(path).size == (300, 451)
+    assert load_image(path, exif_transpose=False).size == (451, 300)
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("cat.jpg", lambda: _jpeg_bytes()[:5000], ["cat.jpg is not a readable image (truncated file)"]),
+        ("cat.png", lambda: _png_bytes()[:20000], ["cat.png is not a readable image (truncated file)"]),
+        ("notes.jpg", lambda: b"a text file\n", ["notes.jpg is not a readable image", "format"]),
+        ("empty.png", lambda: b"", ["empty.png is not a readable image"]),
+    ],
+)
+def test_load_image_bad_files(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content())
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_load_image_missing_and_wrong_sources(tmp_path):
+    with pytest.raises(ImageError, match=r"missing\.jpg does not exist"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)
+    truncated = r"<5000 bytes> is not a readable image \(truncated file\)"
+    with pytest.raises(ImageError, match=truncated):
+        load_image(_jpeg_bytes()[:5000])
+    with pytest.raises(ImageError, match="allowed: a path"):
+        load_image(42)
+
+
+def test_images_module_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys, vlmdeploy.runtime.images; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
