@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import sys
@@ -18,7 +19,7 @@ from vlmdeploy.runtime.images import ImagePreprocessor
 from vlmdeploy.runtime.manifest import MANIFEST_NAME, Manifest, describe_files
 
 from . import onnx_export, registry
-from .hf_files import read_processor_files
+from .hf_files import read_processor_files, save_runtime_tokenizer_json
 from .recipes import RecipeError, find_hf_weights, load_recipe
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -111,7 +112,7 @@ def _export_into(src: Source, tmp: Path, opset: int, log) -> Manifest:
         log(f"[{i}/{len(specs)}] {name}: exporting")
         validation[name] = _export_one(family, model, facts, name, spec, modules[name], tmp / f"{name}.onnx", opset)
         log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs PyTorch max abs diff {validation[name]['max_abs_diff']:.2e}")
-    text_files = _copy_text_files(files, tmp)
+    text_files = _write_text_files(files, tokenizer, tmp)
     all_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     log(f"checksumming {len(all_files)} files")
     return Manifest(
@@ -120,6 +121,7 @@ def _export_into(src: Source, tmp: Path, opset: int, log) -> Manifest:
         graph_files={n: f"{n}.onnx" for n in specs},
         preprocess=ImagePreprocessor.from_hf_config(files.image_processor).to_dict(),
         tokenizer_file=text_files["tokenizer"],
+        tokenizer_config_file=text_files["tokenizer_config"],
         chat_template_file=text_files.get("chat_template"),
         files=describe_files(tmp, all_files),
         validation=validation,
@@ -158,9 +160,12 @@ def _export_one(family, model, facts, name, spec, module, path: Path, opset: int
     )
 
 
-def _copy_text_files(files, tmp: Path) -> dict[str, str]:
-    shutil.copyfile(files.tokenizer_json, tmp / "tokenizer.json")
-    out = {"tokenizer": "tokenizer.json"}
+def _write_text_files(files, tokenizer, tmp: Path) -> dict[str, str]:
+    """tokenizer.json from the LOADED tokenizer (transformers rebuilds parts of it on load), its
+    config, and the chat template."""
+    save_runtime_tokenizer_json(tokenizer, tmp / "tokenizer.json")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(files.tokenizer_config, indent=2) + "\n")
+    out = {"tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json"}
     if files.chat_template:
         (tmp / "chat_template.jinja").write_text(files.chat_template)
         out["chat_template"] = "chat_template.jinja"

@@ -59,6 +59,7 @@ class Manifest:
     graph_files: dict[str, str]  # graph name -> .onnx file
     preprocess: dict  # ImagePreprocessor.to_dict()
     tokenizer_file: str
+    tokenizer_config_file: str
     chat_template_file: str | None
     files: dict[str, dict]  # relative path -> {"sha256", "size"}
     validation: dict = field(default_factory=dict)
@@ -73,6 +74,7 @@ class Manifest:
             "graphs": {n: {"file": self.graph_files[n], "spec": g.to_dict()} for n, g in self.graphs.items()},
             "preprocess": self.preprocess,
             "tokenizer_file": self.tokenizer_file,
+            "tokenizer_config_file": self.tokenizer_config_file,
             "chat_template_file": self.chat_template_file,
             "files": self.files,
             "validation": self.validation,
@@ -88,6 +90,7 @@ class Manifest:
             graph_files={n: g["file"] for n, g in d["graphs"].items()},
             preprocess=d["preprocess"],
             tokenizer_file=d["tokenizer_file"],
+            tokenizer_config_file=d["tokenizer_config_file"],
             chat_template_file=d.get("chat_template_file"),
             files=d["files"],
             validation=d.get("validation", {}),

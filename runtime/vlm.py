@@ -142,7 +142,9 @@ class VLM:
         self.directory, self.manifest, self.backend = directory, manifest, backend
         self.facts = manifest.model
         self.preprocess = ImagePreprocessor.from_dict(manifest.preprocess)
-        self.text = TextProcessor.from_files(directory / manifest.tokenizer_file)
+        self.text = TextProcessor.from_files(
+            directory / manifest.tokenizer_file, directory / manifest.tokenizer_config_file
+        )
         self.chat_template = (directory / manifest.chat_template_file).read_text() if manifest.chat_template_file else None
         self.runners = {
             name: make_runner(backend, directory / manifest.graph_files[name], spec, threads)
