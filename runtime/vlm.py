@@ -192,14 +192,13 @@ class VLM:
         if self.chat_template is None:
             raise PromptError(f"{self.directory} has no chat template; use generate() with a raw prompt")
         images, plain = _split_images(messages)
-        extra = {"bos_token": self.facts.bos_token, "eos_token": self.facts.eos_token}
-        return render_chat_template(self.chat_template, plain, add_generation_prompt=True, **extra), images
+        return render_chat_template(self.chat_template, plain, add_generation_prompt=True, **self.text.special_tokens), images
 
     # ---- internals --------------------------------------------------------------------------
 
     def _chat_request(self, messages: list[dict]) -> _Request:
         prompt, images = self.render_chat(messages)
-        return _Request(prompt, images, chat_prompt_adds_special_tokens(prompt, self.facts.bos_token))
+        return _Request(prompt, images, chat_prompt_adds_special_tokens(prompt, self.text.bos_token))
 
     def _generate(self, requests: list[_Request], sampling: dict) -> list[GenerationResult]:
         gen = _Generation(self, requests, SamplingParams(**_normalize(sampling)))

@@ -1,0 +1,113 @@
+"""A tiny, deterministic Llama-like tokenizer for test checkpoints (no hub needed).
+
+`build_tiny_tokenizer(256)` returns a transformers fast tokenizer (`TokenizersBackend`) whose
+`tokenizer.json` has the parts a LLaVA-1.5 runtime must cope with:
+
+  id 0 `<unk>`, 1 `<s>`, 2 `</s>`          Llama's special tokens, same ids
+  ids 3 .. 3+242                           byte-level alphabet: every byte value that can occur in
+                                           UTF-8 (all but C0, C1, F5..FF), so any str round-trips
+  then BPE merges                          trained in-process on `_CORPUS` (deterministic)
+  id vocab_size-2 `<image>`, vocab_size-1 `<pad>`   added special tokens, as llava-hf puts them
+                                           after the model vocab (32000 / 32001)
+  post-processor `<s> $A`                  BOS comes from tokenizer.json, as in Llama checkpoints
+
+The total vocabulary is exactly `vocab_size` (the tiny model's embedding size) unless the corpus
+runs out of pairs to merge, in which case it is smaller (never larger). `vocab_size` must be at
+least 248 (5 special tokens + 243 byte tokens).
+"""
+
+from __future__ import annotations
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+# The chat template llava-hf/llava-1.5-7b-hf ships (chat_template.json): images first, then text,
+# "USER: " / "ASSISTANT: " prefixes, no prefix for system messages, `{% generation %}` around
+# assistant text (a transformers-specific jinja tag our runtime must accept).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}"
+    "{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
+
+# Bytes that never occur in UTF-8; leaving them out makes room for merges in a 256-token vocab.
+_NON_UTF8_BYTES = {0xC0, 0xC1, *range(0xF5, 0x100)}
+_MIN_VOCAB = 5 + 256 - len(_NON_UTF8_BYTES)
+
+_CORPUS = """\
+USER: <image>
+What is shown in this image? ASSISTANT: The image shows a cat sitting on a wooden table.
+USER: Describe the picture in detail. ASSISTANT: There is a red car parked next to a tall tree.
+The quick brown fox jumps over the lazy dog. The dog is sleeping in the sun.
+A photograph of the street with people walking and the sky above them.
+What color is the sky? The sky is blue and there are white clouds in it.
+How many animals are there in the photo? There are two cats and one dog.
+This is a test of the tokenizer that is used by the tiny model in the tests.
+"""
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable char table, the one `ByteLevel` uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _train_backend(vocab_size: int) -> Tokenizer:
+    byte_chars = _byte_to_unicode()
+    alphabet = [byte_chars[b] for b in range(256) if b not in _NON_UTF8_BYTES]
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 2,  # room for <image> and <pad> after the model vocab
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[UNK, BOS, EOS],
+        initial_alphabet=alphabet,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (IMAGE, PAD)])
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    return tok
+
+
+def build_tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """Train the tiny tokenizer and wrap it as a transformers fast tokenizer (`TokenizersBackend`)."""
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB} (5 special + 243 byte tokens), got {vocab_size}")
+    backend = _train_backend(vocab_size)
+    assert backend.get_vocab_size() <= vocab_size, backend.get_vocab_size()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
