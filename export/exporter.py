@@ -63,12 +63,20 @@ def resolve_source(model: str, dtype: str | None):
         yield Source(Path(tmp), recipe.name, dtype or recipe.dtype)
 
 
+def check_out_dir(out: Path) -> Path:
+    """An output dir may be absent, empty, or a previous artifact (replaced); nothing else is touched."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{out} exists, is not empty and is not a vlmdeploy artifact; choose another --out")
+    return out
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path):
     """Write into a hidden sibling directory; rename it over `out` only when complete."""
-    out = out.resolve()
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise FileExistsError(f"{out} exists, is not empty and is not a vlmdeploy artifact; choose another --out")
+    out = check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)
@@ -94,6 +102,7 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, opset: i
     log = log or Progress()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
+    check_out_dir(Path(out))  # before minutes of work
     with resolve_source(model, dtype) as src, staging_dir(Path(out)) as tmp:
         log(f"checkpoint {src.checkpoint} ({src.dtype}, opset {opset})")
         manifest = _export_into(src, tmp, opset, log)

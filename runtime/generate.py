@@ -67,11 +67,11 @@ class Decoder:
         batch.stats.prefill_s = time.perf_counter() - t0
         next_pos = positions[:, -1:] + 1  # [B, 1]
         step_logits = np.empty((b, 1, self.dims.vocab), dtype=batch.embeds.dtype)  # decode logits, reused
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             tokens = sampler(logits[:, -1, :])
             yield tokens
-            if cache.length == capacity:
-                return
+            if step == max_new_tokens - 1:
+                return  # the last token never needs a decoder pass
             t0 = time.perf_counter()
             mask[:, cache.length] = 1
             embeds = self.embed.run({"input_ids": tokens[:, None]})["inputs_embeds"]  # [B, 1, C]

@@ -165,7 +165,16 @@ def load_manifest(directory: str | Path, checksums: bool = True) -> Manifest:
     d = read_manifest(directory)
     try:
         manifest = Manifest.from_dict(d)
-    except (KeyError, TypeError) as e:
+        _check_file_entries(manifest.files)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{directory}/{MANIFEST_NAME}: malformed manifest ({e!r}); re-run `vlmdeploy export`") from e
     verify_files(Path(directory), manifest.files, checksums)
     return manifest
+
+
+def _check_file_entries(files) -> None:
+    if not isinstance(files, dict):
+        raise TypeError(f"'files' must map names to {{size, sha256}}, got {type(files).__name__}")
+    for name, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or not isinstance(meta.get("sha256"), str):
+            raise ValueError(f"file entry {name!r} needs an int 'size' and a str 'sha256', got {meta!r}")

@@ -89,6 +89,8 @@ class GraphSpec:
 
     def _check_tensor(self, t: TensorSpec, arr: np.ndarray, dims: dict, origin: dict) -> None:
         allowed = f"[{', '.join(map(str, t.shape))}] of {t.dtype}"
+        if not isinstance(arr, np.ndarray):
+            raise SpecError(f"graph {self.name!r} input {t.name!r}: got {type(arr).__name__}, allowed a numpy array {allowed}")
         if arr.dtype != t.np_dtype:
             raise SpecError(f"graph {self.name!r} input {t.name!r}: dtype {arr.dtype}, allowed {allowed}")
         if arr.ndim != len(t.shape):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,18 +163,20 @@ class VLM:
 
     def generate(self, prompt: str, images: Sequence = (), **sampling) -> GenerationResult:
         """`prompt` is raw text with <image> placeholders, as given to HF's processor."""
-        return self._generate([_Request(prompt, list(images))], sampling)[0]
+        return self._generate([_Request(prompt, _image_list(images))], sampling)[0]
 
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, **sampling) -> list[GenerationResult]:
         """Left-padded batch; each row's tokens equal HF batch `generate`."""
         images = [()] * len(prompts) if images is None else images
         if len(images) != len(prompts):
             raise PromptError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
-        return self._generate([_Request(p, list(i)) for p, i in zip(prompts, images)], sampling)
+        if not prompts:
+            raise PromptError("generate_batch got no prompts; give at least one")
+        return self._generate([_Request(p, _image_list(i)) for p, i in zip(prompts, images)], sampling)
 
     def stream(self, prompt: str, images: Sequence = (), **sampling) -> Iterator[str]:
         """Yields text as it is generated."""
-        return self._stream(_Request(prompt, list(images)), sampling)
+        return self._stream(_Request(prompt, _image_list(images)), sampling)
 
     def chat(self, messages: list[dict], **sampling) -> GenerationResult:
         """vLLM-style messages; images given as {"type": "image", "image": PIL image | path | bytes}."""
@@ -184,7 +187,7 @@ class VLM:
 
     def prefill_logits(self, prompt: str, images: Sequence = ()) -> np.ndarray:
         """Logits [1, S, V] over the prompt (as HF's forward on the processor's inputs)."""
-        batch, _, _ = self._prepare([_Request(prompt, list(images))])
+        batch, _, _ = self._prepare([_Request(prompt, _image_list(images))])
         return self.decoder.prefill_logits(batch)
 
     def render_chat(self, messages: list[dict]) -> tuple[str, list]:
@@ -259,6 +262,13 @@ class VLM:
             )
         embeds[slots] = image_embeds.reshape(-1, embeds.shape[-1])
         return embeds
+
+
+def _image_list(images) -> list:
+    """A list of images; a lone path/bytes/PIL image is a mistake worth naming, not 70 'images'."""
+    if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "getpixel"):
+        raise PromptError(f"images must be a list (e.g. images=[{type(images).__name__}]), got a bare {type(images).__name__}")
+    return list(images)
 
 
 def _normalize(sampling: dict) -> dict:
