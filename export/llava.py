@@ -197,8 +197,28 @@ def model_facts(model, files: ProcessorFiles, tokenizer, dtype: str) -> ModelFac
     )
 
 
-def graph_specs(facts: ModelFacts):
-    return llava_graph_specs(facts.dims)
+def graph_specs(facts: ModelFacts, model) -> dict:
+    """All graphs; decoder_gqa only where its builder reproduces the text model exactly (fp32 Llama)."""
+    from . import llama_gqa
+
+    specs = llava_graph_specs(facts.dims)
+    try:
+        llama_gqa.check_supported(model.config.get_text_config())
+        if facts.dims.dtype != "float32":
+            raise NotImplementedError("decoder_gqa is exported for fp32 only")
+    except NotImplementedError:
+        specs.pop("decoder_gqa")
+    return specs
+
+
+def build_graph(graph: str, model, spec, facts, path, tolerance_scale: float) -> dict | None:
+    """Graphs written directly as ONNX (not traced): build, save, validate. None for traced graphs."""
+    if graph != "decoder_gqa":
+        return None
+    from . import llama_gqa
+
+    llama_gqa.save(llama_gqa.build_decoder_gqa(model, spec), path)
+    return llama_gqa.validate(path, spec, model, facts, VALIDATION_DIMS[graph], tolerance_scale)
 
 
 def valid_positions(graph: str, feeds: dict, outputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dummy import VALIDATION_DIMS, sample_feeds
+from .dummy import VALIDATION_DIMS, bound_outputs, sample_feeds
 from .manifest import ArtifactError, Manifest, load_manifest
 from .runners import make_runner
 
@@ -58,7 +58,8 @@ def _check_run(directory: Path, manifest: Manifest, name: str, backend: str, rep
         runner = make_runner(backend, directory / manifest.graph_files[name], spec)
         for dims in VALIDATION_DIMS[name]:
             dims = {**dims, **{t: dims[a] + dims[b] for t, (a, b) in spec.dim_sums.items()}}
-            out = runner.run(sample_feeds(name, dims, manifest.model, rng))
+            feeds = sample_feeds(name, dims, manifest.model, rng)
+            out = runner.run(feeds, out=bound_outputs(name, feeds))
             _check_outputs(spec, dims, out)
         report.add(True, f"{name}: ran on {backend} at {len(VALIDATION_DIMS[name])} shapes, outputs finite and as specified")
     except Exception as e:  # noqa: BLE001

@@ -51,7 +51,27 @@ def _decoder(dims, facts, rng):
     return feeds
 
 
-SAMPLERS = {"vision": _vision, "projector": _projector, "embed": _embed, "decoder": _decoder}
+def _decoder_gqa(dims, facts, rng):
+    """The portable decoder's feeds with each past copied into a [B, H, capacity, D] buffer."""
+    feeds = _decoder(dims, facts, rng)
+    b, p, capacity = dims["batch"], dims["past"], dims["capacity"]
+    d = facts.dims
+    for name in kv_names(d.num_layers)[0]:
+        buffer = np.zeros((b, d.kv_heads, capacity, d.head_dim), dtype=d.dtype)
+        buffer[:, :, :p] = feeds[name]
+        feeds[name] = buffer
+    return feeds
+
+
+def bound_outputs(graph: str, feeds: dict) -> dict:
+    """Output buffers a graph must write into: decoder_gqa's present IS its past (shared buffer)."""
+    if graph != "decoder_gqa":
+        return {}
+    past, present = kv_names(len([n for n in feeds if n.startswith("past_key_values.")]) // 2)
+    return {out: feeds[inp] for inp, out in zip(past, present)}
+
+
+SAMPLERS = {"vision": _vision, "projector": _projector, "embed": _embed, "decoder": _decoder, "decoder_gqa": _decoder_gqa}
 
 # Shapes each graph is validated at after export (and run at by `vlmdeploy check`).
 VALIDATION_DIMS = {
@@ -63,6 +83,13 @@ VALIDATION_DIMS = {
         {"batch": 2, "seq": 5, "past": 0},
         {"batch": 2, "seq": 1, "past": 9},
         {"batch": 3, "seq": 3, "past": 4},
+    ],
+    # the runtime drives decoder_gqa with prefill (past 0) and one-token steps only
+    "decoder_gqa": [
+        {"batch": 1, "seq": 6, "past": 0, "capacity": 9},
+        {"batch": 2, "seq": 5, "past": 0, "capacity": 8},
+        {"batch": 2, "seq": 1, "past": 9, "capacity": 12},
+        {"batch": 3, "seq": 1, "past": 4, "capacity": 5},
     ],
 }
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, SharedKVCache
 from .runners import Runner
 from .sampling import Sampler
 from .spec import ModelDims
@@ -41,16 +41,25 @@ class Batch:
     stats: StepStats = field(default_factory=StepStats)
 
 
+# decoder graph name -> the KV cache layout it reads and writes
+CACHE_LAYOUTS = {"decoder": KVCache, "decoder_gqa": SharedKVCache}
+
+
 class Decoder:
-    """Drives the embed and decoder graphs for one batch."""
+    """Drives the embed graph and one decoder graph (`decoder` or `decoder_gqa`) for one batch."""
 
     def __init__(self, embed: Runner, decoder: Runner, dims: ModelDims):
         self.embed, self.decoder, self.dims = embed, decoder, dims
+        self.cache_cls = CACHE_LAYOUTS[decoder.spec.name]
+
+    def _cache(self, batch: int, capacity: int, dtype):
+        d = self.dims
+        return self.cache_cls(d.num_layers, batch, d.kv_heads, d.head_dim, capacity, dtype)
 
     def prefill_logits(self, batch: Batch) -> np.ndarray:
         """One decoder pass over the prompt: logits [B, S, V]."""
         b, s, _ = batch.embeds.shape
-        cache = KVCache(self.dims.num_layers, b, self.dims.kv_heads, self.dims.head_dim, s, batch.embeds.dtype)
+        cache = self._cache(b, s, batch.embeds.dtype)
         positions = np.maximum(np.cumsum(batch.mask, axis=1) - 1, 0).astype(np.int64)  # [B, S]
         return self._run(cache, batch.embeds, batch.mask, positions, batch.stats, out_logits=None)
 
@@ -58,7 +67,7 @@ class Decoder:
         """Yields the sampled token ids [B] of each step."""
         b, s, _ = batch.embeds.shape
         capacity = s + max_new_tokens
-        cache = KVCache(self.dims.num_layers, b, self.dims.kv_heads, self.dims.head_dim, capacity, batch.embeds.dtype)
+        cache = self._cache(b, capacity, batch.embeds.dtype)
         mask = np.zeros((b, capacity), dtype=np.int64)  # [B, capacity]
         mask[:, :s] = batch.mask
         positions = np.maximum(np.cumsum(batch.mask, axis=1) - 1, 0).astype(np.int64)  # [B, S]
@@ -81,7 +90,7 @@ class Decoder:
             batch.stats.steps += 1
             batch.stats.step_s += time.perf_counter() - t0
 
-    def _run(self, cache: KVCache, embeds, mask, positions, stats: StepStats, out_logits) -> np.ndarray:
+    def _run(self, cache, embeds, mask, positions, stats: StepStats, out_logits) -> np.ndarray:
         new = embeds.shape[1]
         feeds = {
             "inputs_embeds": embeds,

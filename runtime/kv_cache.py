@@ -1,5 +1,10 @@
 """The KV cache: allocated once per generation, written by the decoder graph in place.
 
+Two layouts, one per decoder graph:
+- `SharedKVCache` (decoder_gqa): one `[B, H, capacity, D]` buffer per layer K/V, bound as both
+  the past input and the present output; GroupQueryAttention appends the new entries in place.
+- `KVCache` (the portable decoder, also TensorRT's): ping-pong buffers, below.
+
 The standard-op decoder takes `past [B, H, P, D]` and returns `present [B, H, P+S, D]` (TensorRT
 needs this portable form). A `[B, H, capacity, D]` buffer sliced to `[:, :, :P]` is not contiguous,
 so it cannot be fed without a copy. Instead each layer's K and V live in two flat buffers of
@@ -20,6 +25,8 @@ from .spec import kv_names
 
 
 class KVCache:
+    """Ping-pong layout for the portable decoder (past [B,H,P,D] in, present [B,H,P+S,D] out)."""
+
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype):
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.capacity = capacity
@@ -52,4 +59,30 @@ class KVCache:
     def advance(self, new_tokens: int) -> None:
         """The graph has written present; it becomes the past of the next step."""
         self._cur = 1 - self._cur
+        self.length += new_tokens
+
+
+class SharedKVCache:
+    """One buffer per layer K/V, [B, H, capacity, D]; past and present are the same memory."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype):
+        self.capacity = capacity
+        self.past_names, self.present_names = kv_names(num_layers)
+        # zeros: never-written slots are masked, but must not hold NaN bit patterns
+        self._buffers = np.zeros((2 * num_layers, batch, kv_heads, capacity, head_dim), dtype=dtype)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._buffers.nbytes
+
+    def past(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.past_names, self._buffers))
+
+    def present(self, new_tokens: int) -> dict[str, np.ndarray]:
+        if self.length + new_tokens > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} cached + {new_tokens} new > capacity {self.capacity}")
+        return dict(zip(self.present_names, self._buffers))
+
+    def advance(self, new_tokens: int) -> None:
         self.length += new_tokens

@@ -165,7 +165,9 @@ class ModelDims:
 
 
 def llava_graph_specs(m: ModelDims) -> dict[str, GraphSpec]:
-    """The four graphs of a LLaVA-1.5 export."""
+    """The graphs of a LLaVA-1.5 export: vision, projector, embed, the portable decoder, and
+    `decoder_gqa`, the ONNX Runtime decoder that updates a shared KV buffer [B, Hkv, capacity, D]
+    in place and returns only the last position's logits."""
     f = m.dtype
     vision = GraphSpec(
         "vision",
@@ -196,4 +198,15 @@ def llava_graph_specs(m: ModelDims) -> dict[str, GraphSpec]:
         outputs=(TensorSpec("logits", f, ("batch", "seq", m.vocab)), *kv_out),
         dim_sums={"total": ("past", "seq")},
     )
-    return {g.name: g for g in (vision, projector, embed, decoder)}
+    decoder_gqa = GraphSpec(
+        "decoder_gqa",
+        inputs=(
+            *decoder.inputs[:3],
+            *(TensorSpec(n, f, ("batch", m.kv_heads, "capacity", m.head_dim)) for n in past),
+        ),
+        outputs=(
+            TensorSpec("logits", f, ("batch", 1, m.vocab)),
+            *(TensorSpec(n, f, ("batch", m.kv_heads, "capacity", m.head_dim)) for n in present),
+        ),
+    )
+    return {g.name: g for g in (vision, projector, embed, decoder, decoder_gqa)}

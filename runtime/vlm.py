@@ -16,7 +16,7 @@ import numpy as np
 
 from .generate import Batch, Decoder, StepStats
 from .images import ImagePreprocessor, load_image
-from .manifest import Manifest, load_manifest
+from .manifest import ArtifactError, Manifest, load_manifest
 from .runners import make_runner
 from .sampling import Sampler, SamplingParams
 from .text import (
@@ -138,26 +138,37 @@ def _stop_index(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
     return min(hits) if hits else None
 
 
+DECODERS = ("decoder_gqa", "decoder")  # preferred first; decoder_gqa needs ONNX Runtime's contrib ops
+
+
 class VLM:
-    def __init__(self, directory: Path, manifest: Manifest, backend: str, threads: int | None):
-        self.directory, self.manifest, self.backend = directory, manifest, backend
+    def __init__(self, directory: Path, manifest: Manifest, backend: str, threads: int | None, decoder: str | None):
+        self.directory, self.manifest, self.backend, self.threads = directory, manifest, backend, threads
         self.facts = manifest.model
         self.preprocess = ImagePreprocessor.from_dict(manifest.preprocess)
         self.text = TextProcessor.from_files(
             directory / manifest.tokenizer_file, directory / manifest.tokenizer_config_file
         )
         self.chat_template = (directory / manifest.chat_template_file).read_text() if manifest.chat_template_file else None
-        self.runners = {
-            name: make_runner(backend, directory / manifest.graph_files[name], spec, threads)
-            for name, spec in manifest.graphs.items()
-        }
-        self.decoder = Decoder(self.runners["embed"], self.runners["decoder"], self.facts.dims)
+        self.decoder_graph = decoder or _pick_decoder(manifest, backend)
+        self.runners = {name: self._runner(name) for name in ("vision", "projector", "embed", self.decoder_graph)}
+        self.decoder = Decoder(self.runners["embed"], self.runners[self.decoder_graph], self.facts.dims)
 
     @classmethod
-    def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True) -> "VLM":
-        """Open an artifact directory. `verify` checks every file's sha256 against the manifest."""
+    def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True,
+             decoder: str | None = None) -> "VLM":
+        """Open an artifact directory. `verify` checks every file's sha256 against the manifest.
+        `decoder`: "decoder_gqa" (in-place KV cache, ONNX Runtime only) or "decoder" (portable);
+        default: the fastest one the artifact has for the backend."""
         directory = Path(directory)
-        return cls(directory, load_manifest(directory, checksums=verify), backend, threads)
+        manifest = load_manifest(directory, checksums=verify)
+        if decoder is not None and decoder not in manifest.graphs:
+            raise ArtifactError(f"{directory} has no {decoder!r} graph; it has {sorted(manifest.graphs)}")
+        return cls(directory, manifest, backend, threads, decoder)
+
+    def _runner(self, name: str):
+        m = self.manifest
+        return make_runner(self.backend, self.directory / m.graph_files[name], m.graphs[name], self.threads)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -186,9 +197,12 @@ class VLM:
         return self._stream(self._chat_request(messages), sampling)
 
     def prefill_logits(self, prompt: str, images: Sequence = ()) -> np.ndarray:
-        """Logits [1, S, V] over the prompt (as HF's forward on the processor's inputs)."""
+        """Logits [1, S, V] over the prompt (as HF's forward on the processor's inputs); runs the
+        portable decoder, the one that returns every position's logits."""
         batch, _, _ = self._prepare([_Request(prompt, _image_list(images))])
-        return self.decoder.prefill_logits(batch)
+        if "decoder" not in self.runners:
+            self.runners["decoder"] = self._runner("decoder")
+        return Decoder(self.runners["embed"], self.runners["decoder"], self.facts.dims).prefill_logits(batch)
 
     def render_chat(self, messages: list[dict]) -> tuple[str, list]:
         """The prompt text the chat template renders, and the images in order of appearance."""
@@ -262,6 +276,11 @@ class VLM:
             )
         embeds[slots] = image_embeds.reshape(-1, embeds.shape[-1])
         return embeds
+
+
+def _pick_decoder(manifest: Manifest, backend: str) -> str:
+    usable = [d for d in DECODERS if d in manifest.graphs and (d == "decoder" or backend.startswith("ort"))]
+    return usable[0]
 
 
 def _image_list(images) -> list:

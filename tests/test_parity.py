@@ -25,10 +25,18 @@ def hf_generate(exp, prompts, images, max_new_tokens=NEW_TOKENS):
     return [row.tolist() for row in out[:, inputs["input_ids"].shape[1]:]]
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+DECODERS = ("decoder", "decoder_gqa")  # portable (TensorRT's) and ONNX Runtime's in-place-KV decoder
+
+
+@pytest.fixture(scope="module", params=[(v, d) for v in VARIANTS for d in DECODERS], ids=lambda p: f"{p[0]}-{p[1]}")
 def variant(request, exported_factory):
-    exp = exported_factory(request.param)
-    return exp, VLM.load(exp.artifact)
+    name, decoder = request.param
+    exp = exported_factory(name)
+    return exp, VLM.load(exp.artifact, decoder=decoder)
+
+
+def test_default_decoder_is_the_in_place_one(tiny):
+    assert VLM.load(tiny.artifact).decoder_graph == "decoder_gqa"
 
 
 def test_graphs_match_pytorch(variant):
