@@ -20,7 +20,8 @@ from vlmdeploy.runtime.manifest import MANIFEST_NAME, Manifest, describe_files
 
 from . import onnx_export, registry
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
-from .recipes import RecipeError, find_hf_weights, load_recipe
+from .quantize import SCHEMES, quantize_graph
+from .recipes import RecipeError, find_weights, load_recipe
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
 DEFAULT_OPSET = 18
@@ -54,7 +55,7 @@ def resolve_source(model: str, dtype: str | None):
         raise RecipeError(f"--model {model}: no such directory")
     recipe = load_recipe(model)
     if recipe.random_init is None:
-        yield Source(find_hf_weights(recipe.hf_id), recipe.name, dtype or recipe.dtype)
+        yield Source(find_weights(recipe), recipe.name, dtype or recipe.dtype)
         return
     from .tiny import build_tiny_checkpoint
 
@@ -98,20 +99,24 @@ def _replace_dir(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_model(model: str, out: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET, log=None) -> Manifest:
+def export_model(model: str, out: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET, log=None,
+                 quantize: str | None = None) -> Manifest:
+    """`quantize`: "int8" | "int4" weight-only quantization of decoder_gqa (the portable decoder stays float)."""
     log = log or Progress()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
+    if quantize is not None and quantize not in SCHEMES:
+        raise RecipeError(f"--quantize {quantize!r} not one of {sorted(SCHEMES)}")
     check_out_dir(Path(out))  # before minutes of work
     with resolve_source(model, dtype) as src, staging_dir(Path(out)) as tmp:
         log(f"checkpoint {src.checkpoint} ({src.dtype}, opset {opset})")
-        manifest = _export_into(src, tmp, opset, log)
+        manifest = _export_into(src, tmp, opset, log, quantize)
         manifest.write(tmp)
     log(f"done: {Path(out)}")
     return manifest
 
 
-def _export_into(src: Source, tmp: Path, opset: int, log) -> Manifest:
+def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) -> Manifest:
     family, model, files, tokenizer = _load(src, log)
     facts = family.model_facts(model, files, tokenizer, TORCH_DTYPES[src.dtype])
     specs = family.graph_specs(facts, model)
@@ -121,6 +126,7 @@ def _export_into(src: Source, tmp: Path, opset: int, log) -> Manifest:
         log(f"[{i}/{len(specs)}] {name}: exporting")
         validation[name] = _export_one(family, model, facts, name, spec, modules.get(name), tmp / f"{name}.onnx", opset)
         log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs PyTorch max abs diff {validation[name]['max_abs_diff']:.2e}")
+    quantization = _quantize(family, model, facts, specs, tmp, quantize, validation, log) if quantize else None
     text_files = _write_text_files(files, tokenizer, tmp)
     all_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     log(f"checksumming {len(all_files)} files")
@@ -135,7 +141,8 @@ def _export_into(src: Source, tmp: Path, opset: int, log) -> Manifest:
         files=describe_files(tmp, all_files),
         validation=validation,
         versions=_versions(),
-        source={"checkpoint": str(src.checkpoint), "recipe": src.recipe, "dtype": src.dtype, "opset": opset},
+        source={"checkpoint": str(src.checkpoint), "recipe": src.recipe, "dtype": src.dtype, "opset": opset,
+                "quantization": quantization},
     )
 
 
@@ -170,6 +177,21 @@ def _export_one(family, model, facts, name, spec, module, path: Path, opset: int
     return onnx_export.validate_graph(
         path, spec, reference, feeds_at, family.VALIDATION_DIMS[name], facts.dims.dtype, valid
     )
+
+
+def _quantize(family, model, facts, specs, tmp: Path, scheme: str, validation: dict, log) -> dict:
+    """Quantize decoder_gqa's weights; record (not enforce) how far its outputs moved from PyTorch."""
+    if "decoder_gqa" not in specs:
+        raise RecipeError("--quantize applies to decoder_gqa, which this model/dtype does not get (fp32 Llama only)")
+    log(f"quantizing decoder_gqa weights to {scheme}")
+    record = quantize_graph(tmp / "decoder_gqa.onnx", scheme)
+    from .llama_gqa import validate
+
+    dims = family.VALIDATION_DIMS["decoder_gqa"]
+    validation["decoder_gqa"] = {**validate(tmp / "decoder_gqa.onnx", specs["decoder_gqa"], model, facts, dims, float("inf")),
+                                 "quantized": scheme, "fp32_max_abs_diff": validation["decoder_gqa"]["max_abs_diff"]}
+    log(f"decoder_gqa {scheme}: max abs diff vs PyTorch {validation['decoder_gqa']['max_abs_diff']:.3g} (reported, not enforced)")
+    return record
 
 
 def _write_text_files(files, tokenizer, tmp: Path) -> dict[str, str]:

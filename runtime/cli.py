@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], help="default: the recipe's; fp32 for a directory")
     e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the ONNX Runtime decoder")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("run", help="generate an answer with an exported model")
@@ -54,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate an artifact directory: checker, checksums, a run of every graph")
     c.add_argument("dir")
     c.set_defaults(func=_check)
+
+    b = sub.add_parser("bench", help="speed side by side with HF eager (and onnxruntime-genai) on the same weights")
+    from vlmdeploy.export.bench import add_arguments as bench_arguments  # numpy-only module; torch loads in workers
+
+    bench_arguments(b)
+    b.set_defaults(func=_bench)
+    _add_model_tools(sub)
     return p
 
 
@@ -67,7 +75,7 @@ def _export(args) -> int:
               "install them with: pip install 'vlmdeploy[export]'", file=sys.stderr)
         return 2
     try:
-        export_model(args.model, args.out, dtype=args.dtype, opset=args.opset)
+        export_model(args.model, args.out, dtype=args.dtype, opset=args.opset, quantize=args.quantize)
     except (RecipeError, ExportError) as e:
         print(f"vlmdeploy export: error: {e}", file=sys.stderr)
         return 2
@@ -96,6 +104,12 @@ def _run(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from vlmdeploy.export.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def _check(args) -> int:
     from .check import check_artifact
 
@@ -106,6 +120,61 @@ def _check(args) -> int:
         print(f"  FAIL  {line}")
     print("PASS" if report.passed else f"FAIL: {len(report.failed)} problem(s)")
     return 0 if report.passed else 1
+
+
+
+def _add_model_tools(sub) -> None:
+    """`eval`, `plan` and `demo` (the shapes demo model and the memory planner)."""
+    v = sub.add_parser("eval", help="exact-match accuracy on the held-out shapes questions (the shapes demo model)")
+    v.add_argument("dirs", nargs="*", metavar="DIR", help="exported artifact directories, one table row each")
+    v.add_argument("--torch", metavar="CHECKPOINT", help="also evaluate an HF checkpoint dir or recipe with PyTorch "
+                   "(needs vlmdeploy[export]); other rows then say how many answers equal its tokens")
+    v.add_argument("--n", type=int, default=500, help="questions (the first N of the held-out split)")
+    v.add_argument("--threads", type=int, help="ONNX Runtime / torch threads")
+    v.add_argument("--json", action="store_true", help="one JSON list of {name, n, accuracy, by_kind}")
+    v.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plan", help="memory table: weights, vision encoder, projector, KV cache, activations")
+    pl.add_argument("dir", nargs="?", metavar="DIR", help="an exported artifact directory (exact weight and KV sizes)")
+    pl.add_argument("--model", help="instead of DIR: a recipe name in configs/ or an HF checkpoint dir (no weights needed)")
+    pl.add_argument("--dtype", choices=["fp32", "fp16", "int8"], help="default: the recipe's; fp32 for a directory")
+    pl.add_argument("--context", type=int, help="tokens per sequence (visual tokens included); default min(2048, model's)")
+    pl.add_argument("--images", type=int, default=1, help="images per sequence")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_plan)
+
+    d = sub.add_parser("demo", help="draw a fresh shapes picture, ask the model about it, print answers and truth")
+    d.add_argument("dir", help="artifact directory of the shapes model (make demo exports it)")
+    d.add_argument("--seed", type=int, help="picture seed (default: a fresh random one)")
+    d.add_argument("--questions", type=int, default=3, help="questions about the picture, of different kinds")
+    d.add_argument("--question", help="ask this instead (answer only; the truth line shows the picture)")
+    d.add_argument("--save", help="write the picture here (PNG)")
+    d.add_argument("--threads", type=int)
+    d.set_defaults(func=_demo)
+
+
+def _eval(args) -> int:
+    from vlmdeploy.demo.evaluate import eval_command
+
+    return eval_command(args.dirs, args.torch, args.n, args.threads, args.json)
+
+
+def _plan(args) -> int:
+    from vlmdeploy.export.plan import Workload, plan_artifact, plan_model
+
+    if (args.dir is None) == (args.model is None):
+        raise ValueError("give an exported DIR or --model NAME_OR_DIR (exactly one)")
+    workload = Workload(args.context, args.batch, args.images)
+    plan = plan_model(args.model, args.dtype, workload) if args.model else plan_artifact(args.dir, workload, args.dtype)
+    print(json.dumps(plan.to_dict()) if args.json else plan.table())
+    return 0
+
+
+def _demo(args) -> int:
+    from vlmdeploy.demo.ask import demo_command
+
+    return demo_command(args.dir, args.seed, args.questions, args.save, args.question, args.threads)
 
 
 if __name__ == "__main__":
