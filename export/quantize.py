@@ -9,6 +9,7 @@ measured by `vlmdeploy bench` / `eval`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnx
@@ -22,6 +23,7 @@ def quantize_graph(path: Path, scheme: str) -> dict:
     """Rewrite the graph at `path` (external data beside it) with quantized MatMul weights."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # one line per node
     if scheme not in SCHEMES:
         raise ValueError(f"--quantize {scheme!r} not one of {sorted(SCHEMES)}")
     model = onnx.load(str(path))
