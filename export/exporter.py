@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmdeploy.runtime.images import ImagePreprocessor
-from vlmdeploy.runtime.manifest import MANIFEST_NAME, Manifest, describe_files
+from vlmdeploy.runtime.manifest import Manifest, check_out_dir, describe_files, staging_dir
 
 from . import onnx_export, registry
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
@@ -62,41 +61,6 @@ def resolve_source(model: str, dtype: str | None):
     with tempfile.TemporaryDirectory(prefix=f"vlmdeploy-{recipe.name}-") as tmp:
         build_tiny_checkpoint(recipe.random_init, Path(tmp))
         yield Source(Path(tmp), recipe.name, dtype or recipe.dtype)
-
-
-def check_out_dir(out: Path) -> Path:
-    """An output dir may be absent, empty, or a previous artifact (replaced); nothing else is touched."""
-    out = Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise FileExistsError(f"{out} exists, is not empty and is not a vlmdeploy artifact; choose another --out")
-    return out
-
-
-@contextlib.contextmanager
-def staging_dir(out: Path):
-    """Write into a hidden sibling directory; rename it over `out` only when complete."""
-    out = check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, out)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_model(model: str, out: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET, log=None,

@@ -16,6 +16,7 @@ from .runners import make_runner
 class CheckReport:
     ok: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # "warn: ..." / "info: ..." lines that do not fail the check
 
     def add(self, passed: bool, what: str) -> None:
         (self.ok if passed else self.failed).append(what)
@@ -25,7 +26,8 @@ class CheckReport:
         return not self.failed
 
 
-def check_artifact(directory: str | Path, backend: str = "ort-cpu") -> CheckReport:
+def check_artifact(directory: str | Path, backend: str = "ort-cpu", tensorrt: tuple | None = None) -> CheckReport:
+    """`tensorrt`: (trt_version, BuildOptions) adds the static TensorRT check (runtime/tensorrt/build.py)."""
     report = CheckReport()
     directory = Path(directory)
     try:
@@ -37,7 +39,19 @@ def check_artifact(directory: str | Path, backend: str = "ort-cpu") -> CheckRepo
     for name in manifest.graphs:
         _check_onnx(directory, manifest, name, report)
         _check_run(directory, manifest, name, backend, report)
+    if tensorrt is not None:
+        _check_tensorrt(directory, manifest, tensorrt, report)
     return report
+
+
+def _check_tensorrt(directory: Path, manifest: Manifest, request: tuple, report: CheckReport) -> None:
+    from .tensorrt.build import tensorrt_check
+
+    for severity, line in tensorrt_check(directory, manifest, *request):
+        if severity in ("ok", "error"):
+            report.add(severity == "ok", line)
+        else:
+            report.notes.append(f"{severity}: {line}")
 
 
 def _check_onnx(directory: Path, manifest: Manifest, name: str, report: CheckReport) -> None:

@@ -7,8 +7,12 @@ Export writes the manifest last, inside a temporary directory that is renamed in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +69,7 @@ class Manifest:
     validation: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)  # optional: TensorRT engines (runtime/tensorrt/engines.py)
 
     def to_dict(self) -> dict:
         return {
@@ -80,6 +85,7 @@ class Manifest:
             "validation": self.validation,
             "versions": self.versions,
             "source": self.source,
+            **({"engines": self.engines} if self.engines else {}),
         }
 
     @classmethod
@@ -96,6 +102,7 @@ class Manifest:
             validation=d.get("validation", {}),
             versions=d.get("versions", {}),
             source=d.get("source", {}),
+            engines=d.get("engines", {}),
         )
 
     def write(self, directory: Path) -> None:
@@ -178,3 +185,38 @@ def _check_file_entries(files) -> None:
     for name, meta in files.items():
         if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or not isinstance(meta.get("sha256"), str):
             raise ValueError(f"file entry {name!r} needs an int 'size' and a str 'sha256', got {meta!r}")
+
+
+def check_out_dir(out: Path) -> Path:
+    """An output dir may be absent, empty, or a previous artifact (replaced); nothing else is touched."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{out} exists, is not empty and is not a vlmdeploy artifact; choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path):
+    """Write into a hidden sibling directory; rename it over `out` only when complete (export, engine builds)."""
+    out = check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,8 @@ import numpy as np
 
 from .spec import GraphSpec, SpecError
 
-BACKENDS = ("ort-cpu",)
+# ort-cuda, ort-trt, trt and auto live in runtime/tensorrt/backends.py (imported only when asked for).
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt", "auto")
 
 
 class Runner:
@@ -62,16 +63,17 @@ def default_threads() -> int:
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime on the CPU."""
+    """ONNX Runtime; on the CPU unless `providers` names GPU execution providers."""
 
-    def __init__(self, path: str | Path, spec: GraphSpec, threads: int | None = None):
+    def __init__(self, path: str | Path, spec: GraphSpec, threads: int | None = None, providers: list | None = None):
         super().__init__(spec)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or default_threads()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        providers = providers or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self._check_session_matches_spec(path)
 
     def _check_session_matches_spec(self, path) -> None:
@@ -114,6 +116,14 @@ class OrtRunner(Runner):
 
 
 def make_runner(backend: str, path: str | Path, spec: GraphSpec, threads: int | None = None) -> Runner:
+    if backend == "auto":
+        from .tensorrt.backends import resolve_backend
+
+        backend = resolve_backend(Path(path).parent)
     if backend == "ort-cpu":
         return OrtRunner(path, spec, threads)
+    if backend in BACKENDS:
+        from .tensorrt.backends import make_gpu_runner
+
+        return make_gpu_runner(backend, path, spec, threads)
     raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
