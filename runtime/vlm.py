@@ -152,7 +152,15 @@ class VLM:
         self.chat_template = (directory / manifest.chat_template_file).read_text() if manifest.chat_template_file else None
         self.decoder_graph = decoder or _pick_decoder(manifest, backend)
         self.runners = {name: self._runner(name) for name in ("vision", "projector", "embed", self.decoder_graph)}
-        self.decoder = Decoder(self.runners["embed"], self.runners[self.decoder_graph], self.facts.dims)
+        self.decoder = self._decoder()
+
+    def _decoder(self):
+        """The decode loop: on the host for ONNX Runtime; on the GPU (KV cache resident) for TensorRT."""
+        if self.backend == "trt":
+            from .tensorrt.decode import DeviceDecoder
+
+            return DeviceDecoder.for_artifact(self.directory, self.runners, self.facts.dims)
+        return Decoder(self.runners["embed"], self.runners[self.decoder_graph], self.facts.dims)
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True,
@@ -162,6 +170,10 @@ class VLM:
         default: the fastest one the artifact has for the backend."""
         directory = Path(directory)
         manifest = load_manifest(directory, checksums=verify)
+        if backend == "auto":
+            from .tensorrt.backends import resolve_backend
+
+            backend = resolve_backend(directory)
         if decoder is not None and decoder not in manifest.graphs:
             raise ArtifactError(f"{directory} has no {decoder!r} graph; it has {sorted(manifest.graphs)}")
         return cls(directory, manifest, backend, threads, decoder)

@@ -34,7 +34,8 @@ LLAVA_HF_ID = "llava-hf/llava-1.5-7b-hf"
 
 @pytest.fixture(scope="module")
 def vlm(tiny) -> VLM:
-    return VLM.load(tiny.artifact)
+    """The portable decoder: the feed-check tests below build its feeds (past [B, H, P, D])."""
+    return VLM.load(tiny.artifact, decoder="decoder")
 
 
 @pytest.fixture
@@ -347,7 +348,7 @@ def test_same_size_corruption_fails_checksum(artifact):
 def test_verify_false_skips_sha256_but_not_size(artifact):
     path = artifact / "decoder.onnx.data"
     _flip_byte(path)  # weights bytes: ONNX Runtime still loads it
-    vlm = VLM.load(artifact, verify=False)
+    vlm = VLM.load(artifact, verify=False, decoder="decoder")
     assert vlm.runners["decoder"] is not None
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         VLM.load(artifact)  # the default verifies
@@ -408,7 +409,7 @@ def test_malformed_manifest_entries(artifact, edit):
 
 def test_load_manifest_is_cheap_to_call_directly(artifact):
     m = load_manifest(artifact)
-    assert set(m.graph_files) == {"vision", "projector", "embed", "decoder"}
+    assert set(m.graph_files) == {"vision", "projector", "embed", "decoder", "decoder_gqa"}
     assert all(name in m.files for name in m.graph_files.values())
 
 

@@ -62,7 +62,7 @@ def test_manifest_records_files_facts_and_versions(tiny):
     assert facts["context_length"] == cfg.text_config.max_position_embeddings
     assert facts["dims"]["kv_heads"] == cfg.text_config.num_key_value_heads
     assert set(m["versions"]) >= {"torch", "transformers", "onnx", "onnxruntime"}
-    assert set(m["validation"]) == {"vision", "projector", "embed", "decoder"}
+    assert set(m["validation"]) == {"vision", "projector", "embed", "decoder", "decoder_gqa"}
 
 
 def test_export_from_a_transformers_4_layout(tiny, tmp_path):
