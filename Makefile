@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-MODEL  ?= tiny
+MODEL  ?= shapes
 OUT    ?= artifacts/$(MODEL)
 DTYPE  ?=
 IMAGE  ?=
@@ -14,7 +14,7 @@ MODEL_PATH ?=
 
 EXPORT_MODEL := $(if $(MODEL_PATH),$(MODEL_PATH),$(MODEL))
 
-.PHONY: setup setup-runtime export run check demo test clean
+.PHONY: setup setup-runtime export run check demo test bench clean train-shapes eval-shapes plan
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,14 +36,83 @@ run:
 check:
 	$(VENV)/bin/vlmdeploy check $(OUT)
 
-# Set up, export the default model, check it, and answer a question about a photo.
+# Set up, export the default model, check it, and ask it about a picture. The shapes model gets a
+# fresh picture drawn now (question, answer and truth printed); other models a photo.
 demo: export
 	$(VENV)/bin/vlmdeploy check $(OUT)
+ifeq ($(EXPORT_MODEL),shapes)
+	$(VENV)/bin/vlmdeploy demo $(OUT) --save $(OUT)-demo.png
+else
 	$(PY) -c "import skimage.data, PIL.Image; PIL.Image.fromarray(skimage.data.chelsea()).save('$(OUT)-demo.png')"
 	$(VENV)/bin/vlmdeploy run $(OUT) --image $(OUT)-demo.png --prompt "$(PROMPT)" --max-new-tokens 24
+endif
+
+# Re-train the shipped shapes model (models/shapes, ~15 min on 2 cores) and print its held-out accuracy.
+train-shapes: setup
+	nice -n 5 $(PY) -m vlmdeploy.demo.train --out models/shapes
+
+# Accuracy table of the shapes model: PyTorch, fp32 export, fp16 export (N held-out questions).
+N ?= 500
+eval-shapes: setup
+	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes --dtype fp32
+	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes-fp16 --dtype fp16
+	$(VENV)/bin/vlmdeploy eval artifacts/shapes artifacts/shapes-fp16 --torch models/shapes --n $(N)
+
+# Memory table for MODEL (a recipe or checkpoint dir; no weights needed for llava / llava-13b).
+plan:
+	$(VENV)/bin/vlmdeploy plan --model $(EXPORT_MODEL) $(if $(DTYPE),--dtype $(DTYPE))
 
 test: setup
 	$(VENV)/bin/pytest -q
 
+# Speed side by side (HF eager, onnxruntime-genai, this runtime fp32/int8/int4) on the bench recipe;
+# method and latest table in docs/PERFORMANCE.md. First run builds and exports (~10 min).
+bench: setup
+	$(PIP) install -q -c constraints.txt -e '.[bench]'
+	$(VENV)/bin/vlmdeploy bench --model bench --dir artifacts/bench --json artifacts/bench/report.json
+
 clean:
 	rm -rf artifacts .pytest_cache
+
+# ---- TensorRT (runtime/tensorrt; README "Deploying with TensorRT") ---------------------------------
+# On a machine with an NVIDIA GPU. Engines are built for that GPU model and TensorRT version only.
+PRECISION    ?= fp16
+CI_PRECISION ?= fp32
+ENGINE_FLAGS ?=
+# ENGINE_FLAGS e.g. --max-batch 4 --max-context 2048 --timing-cache $$HOME/.cache/vlmdeploy-timing.cache
+
+.PHONY: setup-tensorrt setup-gpu engines ci-engines test-gpu
+
+# The runtime + TensorRT + Polygraphy (+ test tools), no torch.
+setup-tensorrt: $(PY)
+	$(PIP) install -q -c constraints.txt -e '.[tensorrt,test]'
+
+# Also ONNX Runtime's CUDA/TensorRT providers: onnxruntime-gpu must replace onnxruntime (same module).
+setup-gpu: setup-tensorrt
+	$(PIP) install -q -c constraints.txt -e '.[gpu]'
+	$(PIP) uninstall -q -y onnxruntime
+	$(PIP) install -q --force-reinstall --no-deps onnxruntime-gpu
+
+$(OUT)/manifest.json:
+	$(MAKE) export MODEL=$(MODEL) OUT=$(OUT)
+
+# Engines for artifacts/$(MODEL) on this GPU: make engines MODEL=llava [PRECISION=fp16] [ENGINE_FLAGS=...]
+engines: $(OUT)/manifest.json
+	$(VENV)/bin/vlmdeploy build $(OUT) --precision $(PRECISION) $(ENGINE_FLAGS)
+
+# What a CI job on a GPU runner calls: static check, build, TensorRT vs ONNX Runtime (Polygraphy
+# comparator), token check. Where TensorRT is not installed it runs the static check only, and says so.
+ci-engines: $(OUT)/manifest.json
+	@if $(PY) -c "import tensorrt" 2>/dev/null; then \
+		$(VENV)/bin/vlmdeploy check $(OUT) --tensorrt && \
+		$(VENV)/bin/vlmdeploy build $(OUT) --precision $(CI_PRECISION) $(ENGINE_FLAGS) && \
+		$(PY) -m vlmdeploy.runtime.tensorrt.compare $(OUT); \
+	else \
+		echo "ci-engines: TensorRT is not installed here, so no engines are built or compared;" \
+			"running the static check only (vlmdeploy check $(OUT) --tensorrt)"; \
+		$(VENV)/bin/vlmdeploy check $(OUT) --tensorrt; \
+	fi
+
+# The GPU tests (TensorRT engines, ort-cuda, ort-trt); each skips with its reason where they cannot run.
+test-gpu:
+	$(VENV)/bin/pytest -q -m gpu -rs

@@ -66,7 +66,7 @@ class HFWorker:
 
         torch.set_num_threads(_threads())
         self.torch = torch
-        self.model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+        self.model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()  # default (sdpa) attention
         self.model.generation_config.eos_token_id = None
         self.processor = AutoProcessor.from_pretrained(checkpoint)
 
