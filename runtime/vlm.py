@@ -73,16 +73,17 @@ class _Row:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    _emitted: int = 0  # characters of `text` already streamed
 
     def push(self, token: int, eos: set[int]) -> str:
-        """Accept a token; return the new text (stop strings and EOS not included)."""
+        """Accept a token; return the text that is now final (stop strings and EOS not included)."""
         if token in eos:
             return self.finish("stop")
         self.token_ids.append(token)
         return self._append(self.detok.push(token))
 
     def finish(self, reason: str) -> str:
-        """End the row; text held back for an incomplete character is released."""
+        """End the row; text held back (incomplete character, possible stop-string prefix) is released."""
         self.finish_reason = reason
         return self._append(self.detok.flush())
 
@@ -92,7 +93,11 @@ class _Row:
         cut = _stop_index(self.text, self.stop, before)
         if cut is not None:
             self.text, self.finish_reason = self.text[:cut], "stop"
-        return self.text[before:]
+        # while running, hold back a tail that could still become the start of a stop string
+        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.stop), default=0)
+        end = max(self._emitted, len(self.text) - hold)
+        out, self._emitted = self.text[self._emitted:end], end
+        return out
 
     def result(self, timings: "Timings") -> "GenerationResult":
         return GenerationResult(self.token_ids, self.text, self.finish_reason or "length", self.prompt_tokens, timings)

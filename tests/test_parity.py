@@ -118,6 +118,16 @@ def test_stop_string_truncates_text(tiny):
     assert cut.text == full.text[: full.text.index(stop)]
 
 
+def test_stream_never_shows_a_stop_string(tiny):
+    vlm = VLM.load(tiny.artifact)
+    img = noise_image(7)
+    full = vlm.generate(PROMPT, [img], max_new_tokens=30, ignore_eos=True)
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    cut = vlm.generate(PROMPT, [img], max_new_tokens=30, ignore_eos=True, stop=[stop])
+    streamed = "".join(vlm.stream(PROMPT, [img], max_new_tokens=30, ignore_eos=True, stop=[stop]))
+    assert streamed == cut.text and stop not in streamed
+
+
 def test_sampling_is_seeded(tiny):
     vlm = VLM.load(tiny.artifact)
     kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
