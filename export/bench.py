@@ -294,6 +294,10 @@ class Plan:
 def measure(runners: list[Runner], plan: Plan, vocab: int, log) -> dict[str, dict[str, list[float]]]:
     """Interleaved: every run measures every runner once per metric."""
     results: dict[str, dict[str, list[float]]] = {r.name: {} for r in runners}
+    log("warm-up (not recorded): first calls allocate and touch every weight")
+    for r in runners:
+        r.call("ttft", 99)
+        r.call("decode", token_ids(vocab, plan.contexts[0], 1, 99), 4)
     for run in range(plan.runs):
         log(f"run {run + 1}/{plan.runs}")
         for metric, call in _metrics(plan, vocab, seed=run):
