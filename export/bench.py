@@ -364,6 +364,26 @@ def format_table(table: dict, plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: dict) -> str:
+    """The report as the markdown tables docs/PERFORMANCE.md carries."""
+    plan = Plan(**{**report["plan"], "contexts": tuple(report["plan"]["contexts"])})
+    c0 = plan.contexts[0]
+    cols = ["load_s", "ttft_s", *(f"tok_s@{c}" for c in plan.contexts), f"b{plan.batch}_tok_s@{c0}", "peak_rss_gb", "step_over_floor"]
+    lines = ["| runner | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in report["table"].items():
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append("-" if v is None else f"{v['median']:.3g}" + (f" ({v['min']:.3g}–{v['max']:.3g})" if v.get("max", 0) != v.get("min", 0) else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in {**report["ratios"], **report["greedy_agreement"]}.items()]
+    m = report["machine"]
+    lines += ["", f"Read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s ({m['cpus']} threads); floor per decode step (ms): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in report["floor_ms"].items()) + "."]
+    return "\n".join(lines)
+
+
 def agreement(ours: Runner, other: Runner, vocab: int, plan: Plan, prompts: int = 4) -> float:
     """Share of greedy tokens equal between two runners of ours (e.g. int8 vs fp32)."""
     same = total = 0
@@ -437,6 +457,7 @@ def main(args) -> int:
           + ", ".join(f"{k} {v:.1f}" for k, v in report["floor_ms"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).with_suffix(".md").write_text(format_markdown(report) + "\n")
     return 0
 
 
