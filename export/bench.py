@@ -243,6 +243,7 @@ def prepare(recipe: str, root: Path, quantize: list[str], log) -> dict[str, Path
         if not (paths["genai"] / "genai_config.json").is_file():
             log("building the onnxruntime-genai model from the same language-model weights")
             build_genai(paths["checkpoint"], paths["genai"], root / "genai-src")
+        _set_genai_threads(paths["genai"] / "genai_config.json", _threads())
     return paths
 
 
@@ -270,9 +271,12 @@ def build_genai(checkpoint: Path, out: Path, scratch: Path) -> None:
          "-p", "fp32", "-e", "cpu", "-c", str(scratch / "cache")],
         check=True, stdout=subprocess.DEVNULL,
     )
-    config_path = out / "genai_config.json"
+
+
+def _set_genai_threads(config_path: Path, threads: int) -> None:
+    """Same thread count as the other runners (genai reads it from its config file)."""
     config = json.loads(config_path.read_text())
-    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = _threads()
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
     config_path.write_text(json.dumps(config, indent=2))
 
 
