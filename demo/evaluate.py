@@ -13,8 +13,11 @@ from pathlib import Path
 
 from . import shapes
 
-PROMPT = "USER: <image>\n{question} ASSISTANT:"  # what llava's chat template renders for one image
-MAX_NEW_TOKENS = 32  # the longest caption is 26 words + EOS
+# What the shapes model's chat template renders for one question and one picture: the question comes
+# BEFORE the picture (LLaVA-1.5's training data has both orders), so every visual token can see
+# what is asked; see demo/train.py.
+PROMPT = "USER: {question}\n<image> ASSISTANT:"
+MAX_NEW_TOKENS = 32  # the longest caption is 23 words + EOS
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ def eval_command(dirs: list[str], torch_checkpoint: str | None, n: int, threads:
         raise ValueError(f"--n must be >= 1, got {n}")
     cards = [evaluate_torch_checkpoint(torch_checkpoint, n, threads)] if torch_checkpoint else []
     cards += [evaluate_artifact(d, n, threads=threads) for d in dirs]
-    if len(cards) > 1 and torch_checkpoint:
-        cards = [cards[0]] + [_with_agreement(c, cards[0]) for c in cards[1:]]
+    reference = "pytorch" if torch_checkpoint else variant_name_of(cards[0])
+    cards = [cards[0]] + [_with_agreement(c, cards[0], reference) for c in cards[1:]]
     if as_json:
         import json
 
@@ -135,8 +138,12 @@ def evaluate_torch_checkpoint(checkpoint: str, n: int, threads: int | None) -> S
     return card
 
 
-def _with_agreement(card: Scorecard, reference: Scorecard) -> Scorecard:
-    """Name the row with how many answers equal the reference's, token for token."""
+def variant_name_of(card: Scorecard) -> str:
+    return card.name.split("(")[-1].rstrip(")") if "(" in card.name else card.name
+
+
+def _with_agreement(card: Scorecard, reference: Scorecard, label: str) -> Scorecard:
+    """Name the row with how many answers equal the reference row's, token for token."""
     same = sum(a.token_ids == b.token_ids for a, b in zip(card.answers, reference.answers))
-    card.name = f"{card.name} [{same}/{len(card.answers)} = pytorch]"
+    card.name = f"{card.name} [{same}/{len(card.answers)} = {label}]"
     return card

@@ -9,9 +9,12 @@ import sys
 from .images import ImageError
 from .manifest import ArtifactError
 from .spec import SpecError
+from .tensorrt.cli import add_build_parser, add_check_arguments, tensorrt_check_request
+from .tensorrt.deps import BackendUnavailable
 from .vlm import VLM, PromptError
 
-USER_ERRORS = (ArtifactError, ImageError, PromptError, SpecError, ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ArtifactError, ImageError, PromptError, SpecError, ValueError, FileNotFoundError, FileExistsError,
+               BackendUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate an artifact directory: checker, checksums, a run of every graph")
     c.add_argument("dir")
+    add_check_arguments(c)  # --tensorrt [--trt-version 10] and the build limits
     c.set_defaults(func=_check)
+    add_build_parser(sub)  # vlmdeploy build DIR (runtime/tensorrt/cli.py)
 
     b = sub.add_parser("bench", help="speed side by side with HF eager (and onnxruntime-genai) on the same weights")
     from vlmdeploy.export.bench import add_arguments as bench_arguments  # numpy-only module; torch loads in workers
@@ -113,9 +118,11 @@ def _bench(args) -> int:
 def _check(args) -> int:
     from .check import check_artifact
 
-    report = check_artifact(args.dir)
+    report = check_artifact(args.dir, tensorrt=tensorrt_check_request(args))
     for line in report.ok:
         print(f"  ok    {line}")
+    for line in report.notes:
+        print(f"  {line.replace(': ', '  ', 1)}")
     for line in report.failed:
         print(f"  FAIL  {line}")
     print("PASS" if report.passed else f"FAIL: {len(report.failed)} problem(s)")
