@@ -51,12 +51,13 @@ endif
 train-shapes: setup
 	nice -n 5 $(PY) -m vlmdeploy.demo.train --out models/shapes
 
-# Accuracy table of the shapes model: PyTorch, fp32 export, fp16 export (N held-out questions).
+# Accuracy table of the shapes model: PyTorch and the fp32, fp16 and int8 exports (N held-out questions).
 N ?= 500
 eval-shapes: setup
 	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes --dtype fp32
 	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes-fp16 --dtype fp16
-	$(VENV)/bin/vlmdeploy eval artifacts/shapes artifacts/shapes-fp16 --torch models/shapes --n $(N)
+	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes-int8 --dtype fp32 --quantize int8
+	$(VENV)/bin/vlmdeploy eval artifacts/shapes artifacts/shapes-fp16 artifacts/shapes-int8 --torch models/shapes --n $(N)
 
 # Memory table for MODEL (a recipe or checkpoint dir; no weights needed for llava / llava-13b).
 plan:

@@ -33,8 +33,22 @@ class Answer:
 
 @dataclass
 class Scorecard:
-    name: str
+    name: str  # the artifact directory or checkpoint
+    variant: str  # "pytorch fp32", "fp32", "fp16", "fp32 + int8 decoder"
     answers: list[Answer] = field(default_factory=list)
+    reference: "Scorecard | None" = None  # the row whose tokens this one is compared with
+
+    @property
+    def label(self) -> str:
+        label = f"{self.name} ({self.variant})"
+        if self.reference is not None:
+            label += f" [{self.same_tokens}/{len(self.answers)} = {self.reference.variant}]"
+        return label
+
+    @property
+    def same_tokens(self) -> int:
+        """Answers whose tokens equal the reference row's."""
+        return sum(a.token_ids == b.token_ids for a, b in zip(self.answers, self.reference.answers))
 
     def extend(self, answers: list[Answer]) -> None:
         self.answers.extend(answers)
@@ -53,10 +67,13 @@ class Scorecard:
         return out
 
     def summary(self) -> dict:
-        return {
-            "name": self.name, "n": len(self.answers), "accuracy": round(self.accuracy, 4),
+        out = {
+            "name": self.name, "variant": self.variant, "n": len(self.answers), "accuracy": round(self.accuracy, 4),
             "by_kind": {k: round(c / t, 4) for k, (c, t) in self.by_kind().items()},
         }
+        if self.reference is not None:
+            out["same_tokens_as"] = {"variant": self.reference.variant, "answers": self.same_tokens}
+        return out
 
     def table(self) -> str:
         return table([self])
@@ -65,13 +82,13 @@ class Scorecard:
 def table(cards: list[Scorecard]) -> str:
     """One row per model: overall exact match and per question kind (percent)."""
     kinds = [k for k in shapes.QUESTION_KINDS if any(k in c.by_kind() for c in cards)]
-    width = max([len("model")] + [len(c.name) for c in cards])
+    width = max([len("model")] + [len(c.label) for c in cards])
     head = f"{'model':<{width}}  {'n':>5}  {'exact':>6}  " + "  ".join(f"{k:>10}" for k in kinds)
     lines = [head, "-" * len(head)]
     for c in cards:
         per = c.by_kind()
         cells = [f"{100 * per[k][0] / per[k][1]:9.1f}%" if k in per else f"{'-':>10}" for k in kinds]
-        lines.append(f"{c.name:<{width}}  {len(c.answers):>5}  {100 * c.accuracy:5.1f}%  " + "  ".join(cells))
+        lines.append(f"{c.label:<{width}}  {len(c.answers):>5}  {100 * c.accuracy:5.1f}%  " + "  ".join(cells))
     return "\n".join(lines)
 
 
@@ -90,7 +107,7 @@ def evaluate_artifact(directory: str | Path, n: int, batch: int = 32, threads: i
     from vlmdeploy.runtime.vlm import VLM
 
     vlm = vlm or VLM.load(directory, threads=threads)
-    card = Scorecard(f"{Path(directory).name} ({variant_name(vlm.manifest)})")
+    card = Scorecard(Path(directory).name, variant_name(vlm.manifest))
     examples = list(shapes.examples("heldout", n))
     for i in range(0, n, batch):
         chunk = examples[i : i + batch]
@@ -110,8 +127,8 @@ def eval_command(dirs: list[str], torch_checkpoint: str | None, n: int, threads:
         raise ValueError(f"--n must be >= 1, got {n}")
     cards = [evaluate_torch_checkpoint(torch_checkpoint, n, threads)] if torch_checkpoint else []
     cards += [evaluate_artifact(d, n, threads=threads) for d in dirs]
-    reference = "pytorch" if torch_checkpoint else variant_name_of(cards[0])
-    cards = [cards[0]] + [_with_agreement(c, cards[0], reference) for c in cards[1:]]
+    for card in cards[1:]:
+        card.reference = cards[0]  # PyTorch when given, else the first directory
     if as_json:
         import json
 
@@ -134,16 +151,5 @@ def evaluate_torch_checkpoint(checkpoint: str, n: int, threads: int | None) -> S
     if not path.is_dir():
         path = find_weights(load_recipe(checkpoint))
     card = evaluate_torch(path, n, threads=threads)
-    card.name = f"{checkpoint} (pytorch fp32)"
-    return card
-
-
-def variant_name_of(card: Scorecard) -> str:
-    return card.name.split("(")[-1].rstrip(")") if "(" in card.name else card.name
-
-
-def _with_agreement(card: Scorecard, reference: Scorecard, label: str) -> Scorecard:
-    """Name the row with how many answers equal the reference row's, token for token."""
-    same = sum(a.token_ids == b.token_ids for a, b in zip(card.answers, reference.answers))
-    card.name = f"{card.name} [{same}/{len(card.answers)} = {label}]"
+    card.name = checkpoint
     return card

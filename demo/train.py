@@ -321,14 +321,15 @@ def evaluate_torch(checkpoint_or_model, n: int, batch: int = 50, processor=None,
 
     if threads:
         torch.set_num_threads(threads)
-    model = checkpoint_or_model
+    model, name = checkpoint_or_model, "trained model"
     if isinstance(model, (str, Path)):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars would garble the eval table
+        name = Path(model).name
         processor = AutoProcessor.from_pretrained(model)
         model = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
-    card = Scorecard("pytorch fp32")
+    card = Scorecard(name, "pytorch fp32")
     examples = list(shapes.examples("heldout", n))
     for i in range(0, n, batch):
         card.extend(torch_answers(model, processor, examples[i : i + batch]))

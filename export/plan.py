@@ -97,7 +97,7 @@ class Plan:
 
 
 def _size(n: int) -> str:
-    return f"{n / GB:.2f} GB" if n >= 0.01 * GB else f"{n / 1e6:.2f} MB"
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.2f} MB"
 
 
 def _params(n: int | None) -> str:
@@ -282,6 +282,9 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     notes = [f"{w.images} image(s) x {m.model.tokens_per_image} visual tokens per sequence are part of the context"]
     if unused:
         notes.append(f"also on disk, not loaded for generation: {', '.join(unused)} ({_size(sum(size[g] for g in unused))})")
+    quantization = (m.source or {}).get("quantization")
+    if isinstance(quantization, dict):
+        notes.append(f"decoder_gqa weights quantized to {quantization.get('scheme')} at export (the file sizes above)")
     return Plan(f"{directory} (exported, runtime uses `{decoder}`)", have, w.context, w.batch, w.images, tuple(lines), tuple(notes))
 
 

@@ -38,9 +38,9 @@ def test_examples_are_deterministic():
 
 
 def test_splits_never_share_an_image():
-    train = {shapes.example("train", i).digest for i in range(2000)}
-    heldout = [shapes.example("heldout", i) for i in range(400)]
-    assert len(train) > 1990 and len({x.digest for x in heldout}) == 400
+    train = {shapes.example("train", i).digest for i in range(1500)}
+    heldout = [shapes.example("heldout", i) for i in range(300)]
+    assert len(train) > 1490 and len({x.digest for x in heldout}) == 300
     assert not train & {x.digest for x in heldout}
     # by construction: the pixel hash decides the split, and the seed streams differ
     assert all(shapes.is_heldout_image(x.image) for x in heldout)
@@ -164,10 +164,10 @@ def test_plan_of_the_export_matches_its_files(shapes_artifact):
 def test_cli_eval(shapes_artifact, capsys):
     assert main(["eval", str(shapes_artifact), "--n", "6", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["n"] == 6 and 0 <= row["accuracy"] <= 1 and "(fp32)" in row["name"]
+    assert row["n"] == 6 and 0 <= row["accuracy"] <= 1 and row["variant"] == "fp32"
     assert main(["eval", str(shapes_artifact), "--torch", "shapes", "--n", "4"]) == 0
     out = capsys.readouterr().out
-    assert "shapes (pytorch fp32)" in out and "[4/4 = pytorch]" in out
+    assert "shapes (pytorch fp32)" in out and "(fp32) [4/4 = pytorch fp32]" in out
 
 
 def test_cli_demo_prints_question_answer_and_truth(shapes_artifact, capsys, tmp_path):
@@ -179,6 +179,19 @@ def test_cli_demo_prints_question_answer_and_truth(shapes_artifact, capsys, tmp_
     assert (tmp_path / "pic.png").is_file()
     assert main(["demo", str(shapes_artifact), "--question", "How many shapes are there?"]) == 0
     assert "How many shapes are there?" in capsys.readouterr().out
+
+
+def test_eval_plan_and_demo_never_import_torch(shapes_artifact):
+    code = (
+        "import sys, json; from vlmdeploy.runtime.cli import main\n"
+        f"d = {str(shapes_artifact)!r}\n"
+        "rc = [main(['eval', d, '--n', '3']), main(['plan', d]), main(['plan', '--model', 'llava']),"
+        " main(['demo', d, '--seed', '1'])]\n"
+        "print(json.dumps({'rc': rc, 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"rc": [0, 0, 0, 0], "heavy": []}
 
 
 def test_cli_eval_errors(capsys, tmp_path):
