@@ -108,23 +108,24 @@ def test_eos_stops_generation(tiny):
     assert stopped.finish_reason == "stop"
 
 
+def _stop_case(tiny, width: int):
+    """A greedy generation, a stop string taken from its middle, and the generation cut by it."""
+    vlm, img = VLM.load(tiny.artifact), noise_image(7)
+    kw = dict(max_new_tokens=30, ignore_eos=True)
+    full = vlm.generate(PROMPT, [img], **kw)
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + width]
+    return vlm, img, kw, full, stop, vlm.generate(PROMPT, [img], stop=[stop], **kw)
+
+
 def test_stop_string_truncates_text(tiny):
-    vlm = VLM.load(tiny.artifact)
-    img = noise_image(7)
-    full = vlm.generate(PROMPT, [img], max_new_tokens=30, ignore_eos=True)
-    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
-    cut = vlm.generate(PROMPT, [img], max_new_tokens=30, ignore_eos=True, stop=[stop])
+    _, _, _, full, stop, cut = _stop_case(tiny, 2)
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
 
 
 def test_stream_never_shows_a_stop_string(tiny):
-    vlm = VLM.load(tiny.artifact)
-    img = noise_image(7)
-    full = vlm.generate(PROMPT, [img], max_new_tokens=30, ignore_eos=True)
-    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
-    cut = vlm.generate(PROMPT, [img], max_new_tokens=30, ignore_eos=True, stop=[stop])
-    streamed = "".join(vlm.stream(PROMPT, [img], max_new_tokens=30, ignore_eos=True, stop=[stop]))
+    vlm, img, kw, _, stop, cut = _stop_case(tiny, 3)
+    streamed = "".join(vlm.stream(PROMPT, [img], stop=[stop], **kw))
     assert streamed == cut.text and stop not in streamed
 
 
