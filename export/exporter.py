@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmdeploy.runtime.images import ImagePreprocessor
+from vlmdeploy.runtime.dummy import export_dims, sample_feeds, validation_dims
 from vlmdeploy.runtime.manifest import Manifest, check_out_dir, describe_files, staging_dir
+from vlmdeploy.runtime.spec import GraphSpec
 
-from . import onnx_export, registry
+from . import decoder_gqa, onnx_export, registry
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
 from .quantize import SCHEMES, quantize_graph
 from .recipes import RecipeError, find_weights, load_recipe
@@ -82,15 +84,20 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, opset: i
 
 def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) -> Manifest:
     family, model, files, tokenizer = _load(src, log)
-    facts = family.model_facts(model, files, tokenizer, TORCH_DTYPES[src.dtype])
-    specs = family.graph_specs(facts, model)
-    modules = family.graph_modules(model)  # traced graphs; others come from family.build_graph
+    dtype = TORCH_DTYPES[src.dtype]
+    facts = family.model_facts(model, files, tokenizer, dtype)
+    specs = family.graph_specs(facts, model, log)
+    modules = family.graph_modules(model)  # traced graphs; decoder_gqa is built directly as ONNX
     validation = {}
     for i, (name, spec) in enumerate(specs.items(), 1):
         log(f"[{i}/{len(specs)}] {name}: exporting")
-        validation[name] = _export_one(family, model, facts, name, spec, modules.get(name), tmp / f"{name}.onnx", opset)
+        validation[name] = _export_one(family, model, facts, name, spec, modules, tmp / f"{name}.onnx", opset)
         log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs PyTorch max abs diff {validation[name]['max_abs_diff']:.2e}")
-    quantization = _quantize(family, model, facts, specs, tmp, quantize, validation, log) if quantize else None
+    if "decoder_gqa" not in specs:
+        facts = dataclasses.replace(facts, pipeline={**facts.pipeline, "decoders": ["decoder"]})
+    quantization = _quantize(family, model, facts, specs, modules, tmp, quantize, validation, log) if quantize else None
+    for name, array in family.tensors(model, dtype).items():
+        np.save(tmp / facts.tensors[name], array, allow_pickle=False)
     text_files = _write_text_files(files, tokenizer, tmp)
     all_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     log(f"checksumming {len(all_files)} files")
@@ -98,7 +105,7 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
         model=facts,
         graphs=specs,
         graph_files={n: f"{n}.onnx" for n in specs},
-        preprocess=ImagePreprocessor.from_hf_config(files.image_processor).to_dict(),
+        preprocess=family.preprocess(files, model),
         tokenizer_file=text_files["tokenizer"],
         tokenizer_config_file=text_files["tokenizer_config"],
         chat_template_file=text_files.get("chat_template"),
@@ -117,7 +124,7 @@ def _load(src: Source, log):
     config = AutoConfig.from_pretrained(src.checkpoint)
     family = registry.family_for(config)
     log(f"loading {config.architectures[0]} weights")
-    model_cls = family.model_class()
+    model_cls = family.model_class()  # family: an export/family.py LlavaStyleExport
     model = model_cls.from_pretrained(src.checkpoint, dtype=getattr(torch, TORCH_DTYPES[src.dtype]), attn_implementation="sdpa")
     model.eval()
     files = read_processor_files(src.checkpoint)
@@ -125,35 +132,48 @@ def _load(src: Source, log):
     return family, model, files, tokenizer
 
 
-def _export_one(family, model, facts, name, spec, module, path: Path, opset: int) -> dict:
-    built = family.build_graph(name, model, spec, facts, path, onnx_export.ATOL[facts.dims.dtype])
-    if built is not None:
-        return built
+def _export_one(family, model, facts, name, spec, modules, path: Path, opset: int) -> dict:
+    if name == "decoder_gqa":
+        return _build_decoder_gqa(family, model, facts, spec, modules, path)
     rng = np.random.default_rng(0)
 
     def feeds_at(dims):
-        return family.sample_feeds(name, onnx_export.with_sums(spec, dims), facts, rng)
+        return sample_feeds(spec, dims, facts, rng)
 
-    with family.export_context(model, name):
-        onnx_export.export_graph(module, spec, feeds_at(family.EXPORT_DIMS[name]), path, opset)
+    module = modules[name]
+    with family.export_context(module, name):
+        onnx_export.export_graph(module, spec, feeds_at(export_dims(spec)), path, opset)
     reference = family.reference(model, name, module, spec)
     valid = functools.partial(family.valid_positions, name)
-    return onnx_export.validate_graph(
-        path, spec, reference, feeds_at, family.VALIDATION_DIMS[name], facts.dims.dtype, valid
+    return onnx_export.validate_graph(path, spec, reference, feeds_at, validation_dims(spec), facts.dims.dtype, valid)
+
+
+def _build_decoder_gqa(family, model, facts, spec, modules, path: Path, tolerance: float | None = None) -> dict:
+    """decoder_gqa is written directly as ONNX from the HF weights, then validated against the
+    portable decoder's PyTorch module driven with the same feeds."""
+    if not path.exists():
+        decoder_gqa.save(decoder_gqa.build(*family.text_parts(model), spec), path)
+    portable = GraphSpec("decoder", spec.inputs, spec.outputs)  # same input names and order
+    rng = np.random.default_rng(0)
+    return decoder_gqa.validate(
+        path, spec, onnx_export.torch_reference(modules["decoder"], portable),
+        lambda dims: sample_feeds(spec, dims, facts, np.random.default_rng(rng.integers(1 << 31))),
+        validation_dims(spec), facts.dims.num_layers,
+        onnx_export.ATOL[facts.dims.dtype] if tolerance is None else tolerance,
     )
 
 
-def _quantize(family, model, facts, specs, tmp: Path, scheme: str, validation: dict, log) -> dict:
+def _quantize(family, model, facts, specs, modules, tmp: Path, scheme: str, validation: dict, log) -> dict:
     """Quantize decoder_gqa's weights; record (not enforce) how far its outputs moved from PyTorch."""
     if "decoder_gqa" not in specs:
-        raise RecipeError("--quantize applies to decoder_gqa, which this model/dtype does not get (fp32 Llama only)")
+        raise RecipeError("--quantize applies to decoder_gqa, which this model/dtype does not get "
+                          "(fp32 and a text model its builder supports)")
     log(f"quantizing decoder_gqa weights to {scheme}")
     record = quantize_graph(tmp / "decoder_gqa.onnx", scheme)
-    from .llama_gqa import validate
-
-    dims = family.VALIDATION_DIMS["decoder_gqa"]
-    validation["decoder_gqa"] = {**validate(tmp / "decoder_gqa.onnx", specs["decoder_gqa"], model, facts, dims, float("inf")),
-                                 "quantized": scheme, "fp32_max_abs_diff": validation["decoder_gqa"]["max_abs_diff"]}
+    fp32 = validation["decoder_gqa"]["max_abs_diff"]
+    validation["decoder_gqa"] = {**_build_decoder_gqa(family, model, facts, specs["decoder_gqa"], modules,
+                                                      tmp / "decoder_gqa.onnx", tolerance=float("inf")),
+                                 "quantized": scheme, "fp32_max_abs_diff": fp32}
     log(f"decoder_gqa {scheme}: max abs diff vs PyTorch {validation['decoder_gqa']['max_abs_diff']:.3g} (reported, not enforced)")
     return record
 

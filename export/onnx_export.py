@@ -24,14 +24,6 @@ from vlmdeploy.runtime.spec import GraphSpec
 ATOL = {"float32": 1e-4, "float16": 2e-2}
 
 
-def with_sums(spec: GraphSpec, dims: dict[str, int]) -> dict[str, int]:
-    """Fill derived dims (total = past + seq)."""
-    dims = dict(dims)
-    for total, (a, b) in spec.dim_sums.items():
-        dims.setdefault(total, dims[a] + dims[b])
-    return dims
-
-
 def dynamic_shapes(spec: GraphSpec, module: torch.nn.Module) -> tuple:
     """torch.export dynamic_shapes from the spec. `*args` of forward is ONE pytree element."""
     dims = {name: Dim(name.replace(".", "_"), min=0) for name in spec.dim_names()}

@@ -38,6 +38,18 @@ class TinyConfig:
     vision_feature_select_strategy: str = "default"
     projector_hidden_act: str = "gelu"
     do_pad: bool = False
+    family: str = "llava"  # llava | llava_next
+    text_model: str = "llama"  # llama | mistral | qwen2 | gemma | phi3
+    vision_model: str = "clip"  # clip | siglip | dinov2
+    sliding_window: int | None = None  # mistral
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # llava_next; default: 1x2, 2x1, 2x2 tiles
+
+    def __post_init__(self):
+        allowed = {"family": ("llava", "llava_next"), "text_model": ("llama", "mistral", "qwen2", "gemma", "phi3"),
+                   "vision_model": ("clip", "siglip", "dinov2")}
+        for name, options in allowed.items():
+            if getattr(self, name) not in options:
+                raise RecipeError(f"random_init.{name}: {getattr(self, name)!r} not one of {list(options)}")
 
 
 @dataclass(frozen=True)

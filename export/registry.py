@@ -1,4 +1,5 @@
-"""Model families by HF architecture name. A family is one module in export/ plus one line here."""
+"""Model families by HF architecture name. A family is one module in export/ plus one line here
+(and one module plus one line in runtime/families/)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import importlib
 
 from .recipes import RecipeError
 
-# architecture -> module in vlmdeploy.export
+# HF architecture -> module in vlmdeploy.export (its FAMILY object)
 FAMILIES = {
     "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next",
 }
 
 
@@ -16,5 +18,5 @@ def family_for(config):
     archs = list(getattr(config, "architectures", None) or [])
     for arch in archs:
         if arch in FAMILIES:
-            return importlib.import_module(f"vlmdeploy.export.{FAMILIES[arch]}")
+            return importlib.import_module(f"vlmdeploy.export.{FAMILIES[arch]}").FAMILY
     raise RecipeError(f"architecture {archs or config.model_type!r} is not supported; supported: {sorted(FAMILIES)}")

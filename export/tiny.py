@@ -1,5 +1,9 @@
-"""Seeded random-weight LLaVA checkpoints built from a TinyConfig: a real HF directory (safetensors,
-config, tokenizer, processor, chat template) that every path of the tool treats as a checkpoint."""
+"""Seeded random-weight VLM checkpoints built from a TinyConfig: a real HF directory (safetensors,
+config, tokenizer, processor, chat template) that every path of the tool treats as a checkpoint.
+
+One builder per axis: the family (LLaVA-1.5, LLaVA-NeXT), the text backbone (Llama, Mistral,
+Qwen2, Gemma, Phi-3) and the vision tower (CLIP, SigLIP, DINOv2), each with its HF image processor.
+"""
 
 from __future__ import annotations
 
@@ -12,55 +16,103 @@ from .tiny_tokenizer import LLAVA_CHAT_TEMPLATE, build_tiny_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# tokens a tower puts before its patches (what LlavaProcessor's num_additional_image_tokens counts)
+EXTRA_TOKENS = {"clip": 1, "siglip": 0, "dinov2": 1}
 
 
-def tiny_llava_config(cfg: TinyConfig, image_token_id: int, pad_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def text_config(cfg: TinyConfig, pad_token_id: int):
+    import transformers
 
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate or 2 * cfg.vision_hidden,
-        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden,
-    )
-    text = LlamaConfig(
+    common = dict(
         hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads, vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.context_length, bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id,
         initializer_range=0.1,  # peaked logits: greedy ties between near-equal tokens would make parity flaky
     )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    extra = {
+        "llama": {}, "qwen2": {"use_sliding_window": False},
+        "mistral": {"sliding_window": cfg.sliding_window, "head_dim": cfg.text_hidden // cfg.text_heads},
+        "gemma": {"head_dim": cfg.text_hidden // cfg.text_heads, "hidden_activation": "gelu_pytorch_tanh"},
+        "phi3": {"original_max_position_embeddings": cfg.context_length},
+    }[cfg.text_model]
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
+           "phi3": "Phi3Config"}[cfg.text_model]
+    return getattr(transformers, cls)(**common, **extra)
+
+
+def vision_config(cfg: TinyConfig):
+    import transformers
+
+    common = dict(hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+                  num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size)
+    mlp = cfg.vision_intermediate or 2 * cfg.vision_hidden
+    if cfg.vision_model == "clip":
+        return transformers.CLIPVisionConfig(intermediate_size=mlp, projection_dim=cfg.vision_hidden, **common)
+    if cfg.vision_model == "siglip":
+        return transformers.SiglipVisionConfig(intermediate_size=mlp, **common)
+    return transformers.Dinov2Config(mlp_ratio=mlp // cfg.vision_hidden, **common)
+
+
+def image_processor(cfg: TinyConfig):
+    import transformers
+
+    s = cfg.image_size
+    crop = {"height": s, "width": s}
+    if cfg.family == "llava_next":
+        return transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": s}, crop_size=crop, image_grid_pinpoints=[list(p) for p in _pinpoints(cfg)],
+            image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    if cfg.vision_model == "siglip":
+        return transformers.SiglipImageProcessor(size=crop)
+    if cfg.vision_model == "dinov2":
+        return transformers.BitImageProcessor(size={"shortest_edge": s}, crop_size=crop, image_mean=IMAGENET_MEAN,
+                                              image_std=IMAGENET_STD)
+    common = dict(size={"shortest_edge": s}, crop_size=crop, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return transformers.LlavaImageProcessor(do_pad=True, **common) if cfg.do_pad else transformers.CLIPImageProcessor(**common)
+
+
+def _pinpoints(cfg: TinyConfig) -> tuple[tuple[int, int], ...]:
+    s = cfg.image_size
+    return cfg.grid_pinpoints or ((s, 2 * s), (2 * s, s), (2 * s, 2 * s))
+
+
+def vlm_config(cfg: TinyConfig, image_token_id: int, pad_token_id: int):
+    import transformers
+
+    common = dict(
+        vision_config=vision_config(cfg), text_config=text_config(cfg, pad_token_id), image_token_id=image_token_id,
+        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         projector_hidden_act=cfg.projector_hidden_act,
     )
+    if cfg.family == "llava_next":
+        return transformers.LlavaNextConfig(image_grid_pinpoints=[list(p) for p in _pinpoints(cfg)], **common)
+    return transformers.LlavaConfig(**common)
 
 
 def tiny_processor(cfg: TinyConfig, tokenizer):
-    from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
+    import transformers
 
-    size = {"shortest_edge": cfg.image_size}
-    crop = {"height": cfg.image_size, "width": cfg.image_size}
-    common = dict(size=size, crop_size=crop, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    image_processor = LlavaImageProcessor(do_pad=True, **common) if cfg.do_pad else CLIPImageProcessor(**common)
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+    cls = transformers.LlavaNextProcessor if cfg.family == "llava_next" else transformers.LlavaProcessor
+    return cls(
+        image_processor=image_processor(cfg), tokenizer=tokenizer, patch_size=cfg.patch_size,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=EXTRA_TOKENS[cfg.vision_model], chat_template=LLAVA_CHAT_TEMPLATE,
     )
 
 
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {cfg.vocab_size}")
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = tiny_llava_config(cfg, image_token_id, tokenizer.pad_token_id)
+    config = vlm_config(cfg, tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    cls = "LlavaNextForConditionalGeneration" if cfg.family == "llava_next" else "LlavaForConditionalGeneration"
+    model = getattr(transformers, cls)(config).eval()
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tiny_processor(cfg, tokenizer)

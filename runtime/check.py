@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dummy import VALIDATION_DIMS, bound_outputs, sample_feeds
+from .dummy import bound_outputs, sample_feeds, validation_dims, with_sums
 from .manifest import ArtifactError, Manifest, load_manifest
-from .runners import make_runner
+from .backends import make_runner
 
 
 @dataclass
@@ -70,12 +70,13 @@ def _check_run(directory: Path, manifest: Manifest, name: str, backend: str, rep
     rng = np.random.default_rng(0)
     try:
         runner = make_runner(backend, directory / manifest.graph_files[name], spec)
-        for dims in VALIDATION_DIMS[name]:
-            dims = {**dims, **{t: dims[a] + dims[b] for t, (a, b) in spec.dim_sums.items()}}
-            feeds = sample_feeds(name, dims, manifest.model, rng)
-            out = runner.run(feeds, out=bound_outputs(name, feeds))
+        shapes = validation_dims(spec)
+        for dims in shapes:
+            dims = with_sums(spec, dims)
+            feeds = sample_feeds(spec, dims, manifest.model, rng)
+            out = runner.run(feeds, out=bound_outputs(spec, feeds))
             _check_outputs(spec, dims, out)
-        report.add(True, f"{name}: ran on {backend} at {len(VALIDATION_DIMS[name])} shapes, outputs finite and as specified")
+        report.add(True, f"{name}: ran on {backend} at {len(shapes)} shapes, outputs finite and as specified")
     except Exception as e:  # noqa: BLE001
         report.add(False, f"{name}: run on {backend}: {type(e).__name__}: {str(e)[:300]}")
 

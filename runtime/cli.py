@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> int:
     try:
         from vlmdeploy.export.exporter import export_model
-        from vlmdeploy.export.llava import ExportError
+        from vlmdeploy.export.components import ExportError
         from vlmdeploy.export.recipes import RecipeError
     except ImportError as e:
         print(f"vlmdeploy export: error: the exporter needs torch and transformers ({e.name} is missing); "

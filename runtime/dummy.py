@@ -1,6 +1,9 @@
-"""Random feeds for each graph at given dims, built from the spec and the model facts (numpy only).
+"""Random feeds for any graph at given dims, derived from its spec and the model facts (numpy only).
 
-Used by export validation (ONNX Runtime vs PyTorch) and by `vlmdeploy check`.
+Used by export validation (ONNX Runtime vs PyTorch) and by `vlmdeploy check`. Inputs are drawn by
+role: floats ~ N(0, 1), `input_ids` in the vocabulary, a decoder's `attention_mask` left-padded
+(row b has b leading pads) with `position_ids` from the manifest's position scheme, and a
+capacity-sized KV buffer (decoder_gqa) zero beyond `past`.
 """
 
 from __future__ import annotations
@@ -8,96 +11,84 @@ from __future__ import annotations
 import numpy as np
 
 from .manifest import ModelFacts
-from .spec import kv_names
+from .positions import position_scheme
+from .spec import GraphSpec, kv_names
 
 
-def sample_feeds(graph: str, dims: dict[str, int], facts: ModelFacts, rng: np.random.Generator) -> dict:
-    """Random inputs for one graph at the given dims (validation and `check`)."""
-    return SAMPLERS[graph](dims, facts, rng)
+def sample_feeds(spec: GraphSpec, dims: dict[str, int], facts: ModelFacts, rng: np.random.Generator) -> dict:
+    """Random inputs for `spec` at `dims` (derived dims such as total = past + seq filled in here)."""
+    dims = with_sums(spec, dims)
+    feeds = {t.name: _draw(t, t.concrete_shape(dims), facts, rng) for t in spec.inputs}
+    if "attention_mask" in feeds:
+        feeds.update(_mask_and_positions(dims, facts))
+    if "capacity" in dims:
+        for name in (n for n in feeds if n.startswith("past_key_values.")):
+            feeds[name][:, :, dims["past"]:] = 0  # slots not yet written
+    return feeds
 
 
-def _float(shape, facts, rng):
-    return rng.standard_normal(shape).astype(facts.dims.dtype)
+def with_sums(spec: GraphSpec, dims: dict[str, int]) -> dict[str, int]:
+    """Fill derived dims (total = past + seq)."""
+    dims = dict(dims)
+    for total, (a, b) in spec.dim_sums.items():
+        dims.setdefault(total, dims[a] + dims[b])
+    if "capacity" in dims and "total" not in dims:
+        dims["total"] = dims["past"] + dims["seq"]
+    return dims
 
 
-def _vision(dims, facts, rng):
-    return {"pixel_values": _float((dims["num_images"], 3, *facts.dims.image_size), facts, rng)}
+def _draw(t, shape, facts: ModelFacts, rng) -> np.ndarray:
+    if t.name == "input_ids":
+        return rng.integers(0, facts.dims.vocab, shape, dtype=np.int64)
+    if t.dtype in ("float32", "float16"):
+        return rng.standard_normal(shape).astype(t.dtype)
+    return np.zeros(shape, dtype=t.np_dtype)  # replaced by role below
 
 
-def _projector(dims, facts, rng):
-    d = facts.dims
-    return {"image_features": _float((dims["num_images"], d.vision_tokens, d.vision_hidden), facts, rng)}
-
-
-def _embed(dims, facts, rng):
-    return {"input_ids": rng.integers(0, facts.dims.vocab, (dims["batch"], dims["seq"]), dtype=np.int64)}
-
-
-def _decoder(dims, facts, rng):
-    """Left-padded rows: row b has `b` leading pads (capped), positions as HF generate computes them."""
-    d, b, s, p = facts.dims, dims["batch"], dims["seq"], dims["past"]
-    total = p + s
+def _mask_and_positions(dims: dict, facts: ModelFacts) -> dict:
+    """Left-padded rows: row b has `b` leading pads (capped); positions as HF generate computes them."""
+    b, s, total = dims["batch"], dims["seq"], dims["total"]
     mask = np.ones((b, total), dtype=np.int64)
     for row in range(b):
         mask[row, : min(row, total - 1)] = 0
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, p:]
-    feeds = {
-        "inputs_embeds": _float((b, s, d.hidden), facts, rng),
-        "attention_mask": mask,
-        "position_ids": positions.astype(np.int64),
-    }
-    for name in kv_names(d.num_layers)[0]:
-        feeds[name] = _float((b, d.kv_heads, p, d.head_dim), facts, rng)
-    return feeds
+    positions = position_scheme(facts.positions).prefill(mask)[..., total - s:]
+    return {"attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
 
 
-def _decoder_gqa(dims, facts, rng):
-    """The portable decoder's feeds with each past copied into a [B, H, capacity, D] buffer."""
-    feeds = _decoder(dims, facts, rng)
-    b, p, capacity = dims["batch"], dims["past"], dims["capacity"]
-    d = facts.dims
-    for name in kv_names(d.num_layers)[0]:
-        buffer = np.zeros((b, d.kv_heads, capacity, d.head_dim), dtype=d.dtype)
-        buffer[:, :, :p] = feeds[name]
-        feeds[name] = buffer
-    return feeds
-
-
-def bound_outputs(graph: str, feeds: dict) -> dict:
-    """Output buffers a graph must write into: decoder_gqa's present IS its past (shared buffer)."""
-    if graph != "decoder_gqa":
+def bound_outputs(spec: GraphSpec, feeds: dict) -> dict:
+    """Output buffers a graph must write into: a capacity-sized KV input's present IS its past (shared buffer)."""
+    if not any("capacity" in t.shape for t in spec.inputs):
         return {}
     past, present = kv_names(len([n for n in feeds if n.startswith("past_key_values.")]) // 2)
     return {out: feeds[inp] for inp, out in zip(past, present)}
 
 
-SAMPLERS = {"vision": _vision, "projector": _projector, "embed": _embed, "decoder": _decoder, "decoder_gqa": _decoder_gqa}
+# The shapes a graph is validated at after export (and run at by `vlmdeploy check`), by its dims.
+KV_VALIDATION = [
+    {"batch": 1, "seq": 6, "past": 0},
+    {"batch": 2, "seq": 5, "past": 0},
+    {"batch": 2, "seq": 1, "past": 9},
+    {"batch": 3, "seq": 3, "past": 4},
+]
+# the runtime drives a shared-buffer decoder with prefill (past 0) and one-token steps only
+SHARED_KV_VALIDATION = [
+    {"batch": 1, "seq": 6, "past": 0, "capacity": 9},
+    {"batch": 2, "seq": 5, "past": 0, "capacity": 8},
+    {"batch": 2, "seq": 1, "past": 9, "capacity": 12},
+    {"batch": 3, "seq": 1, "past": 4, "capacity": 5},
+]
 
-# Shapes each graph is validated at after export (and run at by `vlmdeploy check`).
-VALIDATION_DIMS = {
-    "vision": [{"num_images": 1}, {"num_images": 3}],
-    "projector": [{"num_images": 1}, {"num_images": 2}],
-    "embed": [{"batch": 1, "seq": 7}, {"batch": 3, "seq": 2}],
-    "decoder": [
-        {"batch": 1, "seq": 6, "past": 0},
-        {"batch": 2, "seq": 5, "past": 0},
-        {"batch": 2, "seq": 1, "past": 9},
-        {"batch": 3, "seq": 3, "past": 4},
-    ],
-    # the runtime drives decoder_gqa with prefill (past 0) and one-token steps only
-    "decoder_gqa": [
-        {"batch": 1, "seq": 6, "past": 0, "capacity": 9},
-        {"batch": 2, "seq": 5, "past": 0, "capacity": 8},
-        {"batch": 2, "seq": 1, "past": 9, "capacity": 12},
-        {"batch": 3, "seq": 1, "past": 4, "capacity": 5},
-    ],
-}
 
-# Example sizes for torch.onnx.export: all >= 2 so nothing specializes to 0/1.
-EXPORT_DIMS = {
-    "vision": {"num_images": 2},
-    "projector": {"num_images": 2},
-    "embed": {"batch": 2, "seq": 3},
-    "decoder": {"batch": 2, "seq": 3, "past": 4},
-}
+def validation_dims(spec: GraphSpec) -> list[dict[str, int]]:
+    names = set(spec.dim_names()) - set(spec.dim_sums) - {"total"}
+    if "capacity" in names:
+        return SHARED_KV_VALIDATION
+    if "past" in names:
+        return KV_VALIDATION
+    return [{d: 7 if d == "seq" else 1 for d in names}, {d: 2 if d == "seq" else 3 for d in names}]
 
+
+def export_dims(spec: GraphSpec) -> dict[str, int]:
+    """Example sizes for torch.onnx.export: all >= 2 so nothing specializes to 0/1."""
+    sizes = {"seq": 3, "past": 4}
+    return {d: sizes.get(d, 2) for d in set(spec.dim_names()) - set(spec.dim_sums)}

@@ -1,7 +1,12 @@
-"""The decode loop: prefill, then one token per step, KV cache written in place by the decoder.
+"""The decode loop, one for every backend: prefill, then one token per step, KV cache written in place.
 
-Rows are left-padded; positions follow HF `generate`: cumsum(mask) - 1 (0 at pads) in prefill,
-last position + 1 after. Finished rows keep running (their tokens are ignored), as in HF.
+    prefill: embeds [B,S,C] -> decoder -> logits -> choose -> ids [B,1]
+    step:    ids [B,1] -> embed -> [B,1,C] -> decoder (past/present in the cache) -> logits -> choose -> ids
+
+Where tensors live is the `memory`'s business: `HostMemory` (numpy arrays bound through ONNX
+Runtime's IOBinding) here, `DeviceMemory` (runtime/tensorrt/decode.py: cache, logits and ids on the
+GPU). The loop only sees its interface. Rows are left-padded; positions come from the manifest's
+position scheme (runtime/positions.py). Finished rows keep running (their tokens are ignored), as in HF.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from typing import Iterator
 import numpy as np
 
 from .kv_cache import KVCache, SharedKVCache
+from .manifest import ModelFacts
+from .positions import position_scheme
 from .runners import Runner
 from .sampling import Sampler
-from .spec import ModelDims
 
 
 @dataclass
@@ -45,64 +51,101 @@ class Batch:
 CACHE_LAYOUTS = {"decoder": KVCache, "decoder_gqa": SharedKVCache}
 
 
-class Decoder:
-    """Drives the embed graph and one decoder graph (`decoder` or `decoder_gqa`) for one batch."""
+class HostMemory:
+    """The loop's tensors as numpy arrays (ONNX Runtime on the CPU; IOBinding writes in place)."""
 
-    def __init__(self, embed: Runner, decoder: Runner, dims: ModelDims):
-        self.embed, self.decoder, self.dims = embed, decoder, dims
-        self.cache_cls = CACHE_LAYOUTS[decoder.spec.name]
+    def __init__(self, decoder_graph: str, facts: ModelFacts):
+        self.cache_cls, self.dims = CACHE_LAYOUTS[decoder_graph], facts.dims
+        self._step_logits = None
 
-    def _cache(self, batch: int, capacity: int, dtype):
+    def cache(self, batch: int, capacity: int):
         d = self.dims
-        return self.cache_cls(d.num_layers, batch, d.kv_heads, d.head_dim, capacity, dtype)
+        return self.cache_cls(d.num_layers, batch, d.kv_heads, d.head_dim, capacity, np.dtype(d.dtype))
+
+    def prompt_embeds(self, embeds: np.ndarray) -> np.ndarray:
+        return embeds
+
+    def logits(self, batch: int, seq: int) -> np.ndarray | None:
+        """Decode steps write into one reused [B, 1, V] buffer; prefill lets the backend allocate."""
+        if seq != 1:
+            return None
+        if self._step_logits is None or self._step_logits.shape[0] != batch:
+            self._step_logits = np.empty((batch, 1, self.dims.vocab), dtype=self.dims.dtype)
+        return self._step_logits
+
+    def step_embeds(self, batch: int) -> None:
+        return None
+
+    def choose(self, logits: np.ndarray, sampler: Sampler) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [B, 1] for the embed graph, token ids [B] on the host)."""
+        tokens = sampler(logits[:, -1, :])
+        return tokens[:, None], tokens
+
+    def to_host(self, logits) -> np.ndarray:
+        return logits
+
+
+class DecodeLoop:
+    """Drives the embed graph and one decoder graph over a batch; `memory` places the tensors."""
+
+    def __init__(self, embed: Runner, decoder: Runner, facts: ModelFacts, memory=None):
+        self.embed, self.decoder, self.facts = embed, decoder, facts
+        self.memory = memory or HostMemory(decoder.spec.name, facts)
+        self.positions = position_scheme(facts.positions)
 
     def prefill_logits(self, batch: Batch) -> np.ndarray:
-        """One decoder pass over the prompt: logits [B, S, V]."""
+        """One decoder pass over the prompt: logits [B, S, V] on the host."""
         b, s, _ = batch.embeds.shape
-        cache = self._cache(b, s, batch.embeds.dtype)
-        positions = np.maximum(np.cumsum(batch.mask, axis=1) - 1, 0).astype(np.int64)  # [B, S]
-        return self._run(cache, batch.embeds, batch.mask, positions, batch.stats, out_logits=None)
+        cache = self.memory.cache(b, s)
+        logits = self._forward(cache, self.memory.prompt_embeds(batch.embeds), batch.mask, self.positions.prefill(batch.mask))
+        return self.memory.to_host(logits)
 
     def tokens(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[np.ndarray]:
         """Yields the sampled token ids [B] of each step."""
         b, s, _ = batch.embeds.shape
-        capacity = s + max_new_tokens
-        cache = self._cache(b, capacity, batch.embeds.dtype)
-        mask = np.zeros((b, capacity), dtype=np.int64)  # [B, capacity]
+        cache = self.memory.cache(b, s + max_new_tokens)
+        mask = np.zeros((b, s + max_new_tokens), dtype=np.int64)  # [B, capacity]; a [B, total] prefix per step
         mask[:, :s] = batch.mask
-        positions = np.maximum(np.cumsum(batch.mask, axis=1) - 1, 0).astype(np.int64)  # [B, S]
+        positions = self.positions.prefill(batch.mask)  # [B, S]
         t0 = time.perf_counter()
-        logits = self._run(cache, batch.embeds, mask[:, :s], positions, batch.stats, out_logits=None)
-        batch.stats.prefill_s = time.perf_counter() - t0
-        next_pos = positions[:, -1:] + 1  # [B, 1]
-        step_logits = np.empty((b, 1, self.dims.vocab), dtype=batch.embeds.dtype)  # decode logits, reused
+        logits = self._forward(cache, self.memory.prompt_embeds(batch.embeds), mask[:, :s], positions)
+        positions = self.positions.first_step(positions)  # [B, 1]
         for step in range(max_new_tokens):
-            tokens = sampler(logits[:, -1, :])
+            ids, tokens = self.memory.choose(logits, sampler)
+            self._account(batch.stats, step, time.perf_counter() - t0)
             yield tokens
             if step == max_new_tokens - 1:
                 return  # the last token never needs a decoder pass
             t0 = time.perf_counter()
             mask[:, cache.length] = 1
-            embeds = self.embed.run({"input_ids": tokens[:, None]})["inputs_embeds"]  # [B, 1, C]
-            batch.stats.graph_s += self.embed.last_run_s
-            logits = self._run(cache, embeds, mask[:, : cache.length + 1], next_pos, batch.stats, step_logits)
-            next_pos = next_pos + 1
-            batch.stats.steps += 1
-            batch.stats.step_s += time.perf_counter() - t0
+            embeds = self.embed.run({"input_ids": ids}, out=_out("inputs_embeds", self.memory.step_embeds(b)))
+            logits = self._forward(cache, embeds["inputs_embeds"], mask[:, : cache.length + 1], positions)
+            batch.stats.graph_s += self.embed.last_run_s + self.decoder.last_run_s
+            positions = self.positions.next_step(positions)
 
-    def _run(self, cache, embeds, mask, positions, stats: StepStats, out_logits) -> np.ndarray:
-        new = embeds.shape[1]
-        feeds = {
-            "inputs_embeds": embeds,
-            "attention_mask": np.ascontiguousarray(mask),
-            "position_ids": positions,
-            **cache.past(),
-        }
-        out = cache.present(new)
-        if out_logits is not None:
-            out = {"logits": out_logits, **out}
-        result = self.decoder.run(feeds, out=out)
-        if out_logits is not None:  # a decode step
-            stats.graph_s += self.decoder.last_run_s
-        cache.advance(new)
-        return result["logits"]
+    @staticmethod
+    def _account(stats: StepStats, step: int, seconds: float) -> None:
+        """Step 0 is the prefill (time to the first token); later steps are decode steps."""
+        if step == 0:
+            stats.prefill_s = seconds
+        else:
+            stats.steps += 1
+            stats.step_s += seconds
+
+    def _forward(self, cache, embeds, mask: np.ndarray, positions: np.ndarray):
+        """One decoder pass; present is written into the cache, which then advances."""
+        b, s = positions.shape[-2:]  # [B, S], or [3, B, S] for 3-D schemes
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ascontiguousarray(mask), "position_ids": positions,
+                 **cache.past()}
+        out = {**_out("logits", self.memory.logits(b, s)), **cache.present(s)}
+        logits = self.decoder.run(feeds, out=out)["logits"]
+        cache.advance(s)
+        return logits
+
+
+def _out(name: str, buffer) -> dict:
+    return {} if buffer is None else {name: buffer}
+
+
+# The name the rest of the code (and tests) know the host loop by.
+Decoder = DecodeLoop

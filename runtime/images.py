@@ -1,8 +1,10 @@
-"""Image loading and LLaVA-1.5 preprocessing in numpy + Pillow (no torch, no transformers).
+"""Image loading and fixed-size image preprocessing in numpy + Pillow (no torch, no transformers).
 
-Matches transformers' PIL-backend ``CLIPImageProcessor`` / ``LlavaImageProcessor`` bit for bit
-(up to float32 rounding): the same Pillow calls (RGB conversion, resize) and the same numpy
-arithmetic (float64 rescale cast to float32, float32 normalize).
+Reproduces bit for bit transformers 5.x's PIL-backend ``CLIPImageProcessor``,
+``LlavaImageProcessor``, ``SiglipImageProcessor`` and ``BitImageProcessor`` (DINOv2): the same
+Pillow calls (RGB conversion, resize) and the same numpy arithmetic (float64 rescale cast to
+float32, float32 normalize). The four share one pipeline in transformers (``PilBackend``); they
+differ only in their class defaults (``_HF_DEFAULTS``) and in Llava's pad-to-square.
 """
 
 from __future__ import annotations
@@ -18,16 +20,50 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 # image_processor_type -> family. Without torchvision, transformers 5.x runs every one of these
 # (the plain, "Fast" and "Pil" names) with its PIL backend, which is what we reproduce.
+_HF_FAMILIES = {"CLIP": "clip", "Llava": "llava", "Siglip": "siglip", "Bit": "bit"}
 _HF_TYPES = {
-    f"{family}ImageProcessor{suffix}": family.lower()
-    for family in ("CLIP", "Llava")
+    f"{prefix}ImageProcessor{suffix}": family
+    for prefix, family in _HF_FAMILIES.items()
     for suffix in ("", "Fast", "Pil")
 }
-_HF_FEATURE_EXTRACTORS = {"CLIPFeatureExtractor": "clip"}  # pre-ImageProcessor checkpoints
+
+# Each family's class defaults in transformers 5.24 (what a key absent from the config takes).
+# All four also default do_resize/do_rescale/do_normalize/do_convert_rgb to true,
+# rescale_factor to 1/255 and default_to_square to false.
+_CLIP_DEFAULTS = {
+    "size": {"shortest_edge": 224},
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_pad": False,
+    "resample": 3,  # BICUBIC
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
+}
+_HF_DEFAULTS = {
+    "clip": _CLIP_DEFAULTS,
+    "llava": _CLIP_DEFAULTS,
+    "bit": _CLIP_DEFAULTS,  # DINOv2 checkpoints set size 256 and ImageNet mean/std themselves
+    "siglip": {
+        "size": {"height": 224, "width": 224},
+        "crop_size": None,
+        "do_center_crop": False,  # not a SigLIP class attribute: None, i.e. off
+        "do_pad": False,
+        "resample": 3,
+        "image_mean": IMAGENET_STANDARD_MEAN,
+        "image_std": IMAGENET_STANDARD_STD,
+    },
+}
+
+
+def hf_image_processor_kinds() -> tuple[str, ...]:
+    """The ``image_processor_type`` values ``ImagePreprocessor.from_hf_config`` accepts."""
+    return tuple(sorted(_HF_TYPES))
 
 
 class ImageError(ValueError):
@@ -90,7 +126,11 @@ def _open_path(path: str) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImagePreprocessor:
-    """LLaVA-1.5 image preprocessing; defaults are transformers' CLIPImageProcessor defaults.
+    """Fixed-size image preprocessing; defaults are transformers' CLIPImageProcessor defaults.
+
+    ``to_dict()`` gives this dataclass's fields (the manifest format, unchanged since the
+    CLIP/LLaVA-only version: a SigLIP preprocessor is size_hw with no crop, a BiT one is
+    shortest_edge + crop).
 
     Order: convert to RGB -> pad to square (Llava ``do_pad``) -> resize -> center crop ->
     rescale -> normalize. Resize target is ``shortest_edge`` or ``size_hw`` (exactly one).
@@ -126,30 +166,16 @@ class ImagePreprocessor:
     @classmethod
     def from_hf_config(cls, d: dict) -> ImagePreprocessor:
         """From a ``preprocessor_config.json`` dict or a 5.x ``processor_config.json``'s
-        ``"image_processor"`` dict, with transformers' class defaults for absent keys."""
+        ``"image_processor"`` dict, with the class's transformers defaults for absent keys.
+
+        Accepts the types listed by ``hf_image_processor_kinds()``."""
         if not isinstance(d, dict):
             raise ValueError(f"image processor config must be a dict, got {type(d).__name__}")
         family = _hf_family(d)
-        get = d.get  # a key present with null stays null, as in HF
-        size = _hf_size(get("size", {"shortest_edge": 224}), bool(get("default_to_square", False)))
-        if family == "clip" and d.get("use_square_size"):
-            size = {"height": 224, "width": 224}  # HF uses the CLASS default (224), not `size`
-        return cls(
-            do_convert_rgb=_hf_flag(d, "do_convert_rgb"),
-            # CLIP's own do_pad pads the batch to its largest image: a no-op at a fixed size.
-            do_pad=family == "llava" and _hf_flag(d, "do_pad", False),
-            do_resize=_hf_flag(d, "do_resize"),
-            shortest_edge=(size or {}).get("shortest_edge"),
-            size_hw=(size["height"], size["width"]) if size and "height" in size else None,
-            resample=get("resample", 3),
-            do_center_crop=_hf_flag(d, "do_center_crop"),
-            crop_size=_hf_crop(get("crop_size", {"height": 224, "width": 224})),
-            do_rescale=_hf_flag(d, "do_rescale"),
-            rescale_factor=get("rescale_factor", 1 / 255),
-            do_normalize=_hf_flag(d, "do_normalize"),
-            image_mean=_hf_triple(get("image_mean", OPENAI_CLIP_MEAN)),
-            image_std=_hf_triple(get("image_std", OPENAI_CLIP_STD)),
-        )
+        pre = cls(**_hf_fields(d, family))
+        if family != "llava":
+            _check_batch_pad(d, pre.output_size)
+        return pre
 
     def to_dict(self) -> dict:
         """Plain JSON types (tuples become lists)."""
@@ -364,17 +390,62 @@ def _check_required(p: ImagePreprocessor) -> None:
 # with null stays null, so a null do_* flag is off)
 
 
+def _hf_fields(d: dict, family: str) -> dict:
+    """The dataclass fields for an HF config of this family (class defaults for absent keys)."""
+    defaults = _HF_DEFAULTS[family]
+
+    def get(key):  # a key present with null stays null, as in HF
+        return d.get(key, defaults[key])
+
+    size = _hf_size(get("size"), bool(d.get("default_to_square", False)))
+    if family == "clip" and d.get("use_square_size"):
+        size = {"height": 224, "width": 224}  # HF uses the CLASS default (224), not `size`
+    return dict(
+        do_convert_rgb=_hf_flag(d, "do_convert_rgb"),
+        # Other families' do_pad pads the batch to its largest image: a no-op at a fixed size
+        # (pad_size is checked by _check_batch_pad); Llava's pads each image to a square first.
+        do_pad=family == "llava" and _hf_flag(d, "do_pad", get("do_pad")),
+        do_resize=_hf_flag(d, "do_resize"),
+        shortest_edge=(size or {}).get("shortest_edge"),
+        size_hw=(size["height"], size["width"]) if size and "height" in size else None,
+        resample=get("resample"),
+        do_center_crop=_hf_flag(d, "do_center_crop", get("do_center_crop")),
+        crop_size=_hf_crop(get("crop_size")),
+        do_rescale=_hf_flag(d, "do_rescale"),
+        rescale_factor=d.get("rescale_factor", 1 / 255),
+        do_normalize=_hf_flag(d, "do_normalize"),
+        image_mean=_hf_triple(get("image_mean")),
+        image_std=_hf_triple(get("image_std")),
+    )
+
+
 def _hf_family(d: dict) -> str:
-    kind = d.get("image_processor_type")
-    if kind is None and d.get("feature_extractor_type") in _HF_FEATURE_EXTRACTORS:
-        return _HF_FEATURE_EXTRACTORS[d["feature_extractor_type"]]
+    field, kind = "image_processor_type", d.get("image_processor_type")
+    if kind is None and isinstance(d.get("feature_extractor_type"), str):
+        field, kind = "feature_extractor_type", d["feature_extractor_type"]
+        kind = kind.replace("FeatureExtractor", "ImageProcessor")  # as HF's AutoImageProcessor
     if kind is None and "image_processor" in d:
         raise ValueError('this is a whole processor config: pass its "image_processor" dict')
     if kind not in _HF_TYPES:
         raise ValueError(
-            f"unsupported image_processor_type {kind!r}; supported: {sorted(_HF_TYPES)}"
+            f"unsupported {field} {d.get(field)!r}; supported image_processor_type values: "
+            f"{', '.join(hf_image_processor_kinds())}"
         )
     return _HF_TYPES[kind]
+
+
+def _check_batch_pad(d: dict, output_size: tuple[int, int]) -> None:
+    """CLIP/SigLIP/BiT do_pad zero-pads the finished pixel_values to pad_size (or to the largest
+    image in the batch, a no-op here): refuse a pad_size that would change the output."""
+    pad = d.get("pad_size")
+    if not _hf_flag(d, "do_pad", False) or pad is None:
+        return
+    if _hf_crop(pad, "pad_size") != tuple(output_size):
+        raise ValueError(
+            f"do_pad with pad_size {pad!r} zero-pads pixel_values beyond the {output_size} "
+            "output; not supported. Allowed: do_pad false, pad_size null, or pad_size equal "
+            "to the output size"
+        )
 
 
 def _hf_flag(d: dict, key: str, default: bool = True) -> bool:
@@ -400,7 +471,7 @@ def _hf_size(size: Any, default_to_square: bool) -> dict | None:
     )
 
 
-def _hf_crop(crop: Any) -> tuple[int, int] | None:
+def _hf_crop(crop: Any, name: str = "crop_size") -> tuple[int, int] | None:
     if crop is None:
         return None
     if isinstance(crop, int) and not isinstance(crop, bool):
@@ -410,7 +481,7 @@ def _hf_crop(crop: Any) -> tuple[int, int] | None:
     if isinstance(crop, dict) and set(crop) == {"height", "width"}:
         return (crop["height"], crop["width"])
     raise ValueError(
-        f"unsupported crop_size {crop!r}; allowed: an int, [height, width] or "
+        f"unsupported {name} {crop!r}; allowed: an int, [height, width] or "
         '{"height": h, "width": w}'
     )
 

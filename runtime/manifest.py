@@ -15,12 +15,17 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from .spec import GraphSpec, ModelDims
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vlmdeploy-artifact"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1 (LLaVA-1.5 only) is upgraded on load: see _upgrade_v1
+
+# The position schemes a decoder can be fed with (runtime/positions.py implements each).
+POSITION_SCHEMES = ("cumsum",)
 
 
 class ArtifactError(RuntimeError):
@@ -28,32 +33,104 @@ class ArtifactError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class KVLayer:
+    """One decoder layer's cache: `kv_heads` x `head_dim` per token; `window` keys kept (None: all)."""
+
+    kv_heads: int
+    head_dim: int
+    window: int | None = None
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """How one media item (an image) enters the prompt: `placeholder` in the text becomes the family's
+    per-item token count of `token_id` (runtime/families/*.py compute the count from the item)."""
+
+    placeholder: str
+    token_id: int
+    typical_tokens: int  # tokens of a typical item (planner and TensorRT profile `opt`), not a limit
+
+
+@dataclass(frozen=True)
 class ModelFacts:
-    """What the runtime needs to know about the model beyond the graphs."""
+    """What the runtime needs to know about the model beyond the graphs, as data.
+
+    `family` picks the runtime family module; `family_params` is that module's own configuration
+    (e.g. LLaVA-NeXT's grid pinpoints). `pipeline` names the graphs: per media kind the chain that
+    turns preprocessed pixels into embeddings, the token embedding, and the decoders by preference.
+    `tensors` are extra arrays (.npy files of the artifact, sha-checked like the graphs).
+    `limits` bound every named dim of the graphs (the largest value the model accepts)."""
 
     family: str
     dims: ModelDims
-    image_token: str
-    image_token_id: int
-    tokens_per_image: int  # placeholders each <image> expands to (the processor's rule)
+    media: Mapping[str, MediaKind]
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     bos_token: str | None
     eos_token: str | None
     context_length: int
-    vision_feature_layer: int | list[int]
-    vision_feature_select_strategy: str
+    kv_layers: tuple[KVLayer, ...]
+    family_params: Mapping = field(default_factory=dict)
+    positions: str = "cumsum"
+    pipeline: Mapping = field(default_factory=lambda: dict(DEFAULT_PIPELINE))
+    tensors: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"positions {self.positions!r} not one of {POSITION_SCHEMES}")
+        if len(self.kv_layers) != self.dims.num_layers:
+            raise ValueError(f"kv_layers has {len(self.kv_layers)} entries but the decoder has {self.dims.num_layers} layers")
+
+    # LLaVA-style shorthands (one image kind)
+    @property
+    def image(self) -> MediaKind:
+        return self.media["image"]
+
+    @property
+    def image_token(self) -> str:
+        return self.image.placeholder
+
+    @property
+    def image_token_id(self) -> int:
+        return self.image.token_id
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.image.typical_tokens
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dims"]["image_size"] = list(self.dims.image_size)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["kv_layers"] = [asdict(k) for k in self.kv_layers]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
         dims = dict(d["dims"], image_size=tuple(d["dims"]["image_size"]))
-        return cls(**dict(d, dims=ModelDims(**dims), eos_token_ids=tuple(d["eos_token_ids"])))
+        return cls(**dict(
+            d, dims=ModelDims(**dims), eos_token_ids=tuple(d["eos_token_ids"]),
+            media={k: MediaKind(**v) for k, v in d["media"].items()},
+            kv_layers=tuple(KVLayer(**k) for k in d["kv_layers"]),
+        ))
+
+
+DEFAULT_PIPELINE = {"image": ["vision", "projector"], "embed": "embed", "decoders": ["decoder_gqa", "decoder"]}
+
+
+def _upgrade_v1(d: dict) -> dict:
+    """A v1 manifest (LLaVA-1.5, one token count per image) as v2."""
+    m = dict(d["model"])
+    dims = m["dims"]
+    m["media"] = {"image": {"placeholder": m.pop("image_token"), "token_id": m.pop("image_token_id"),
+                            "typical_tokens": m.pop("tokens_per_image")}}
+    m["family_params"] = {"tokens_per_image": m["media"]["image"]["typical_tokens"],
+                          "vision_feature_layer": m.pop("vision_feature_layer"),
+                          "vision_feature_select_strategy": m.pop("vision_feature_select_strategy")}
+    m["kv_layers"] = [{"kv_heads": dims["kv_heads"], "head_dim": dims["head_dim"], "window": None}] * dims["num_layers"]
+    m["pipeline"] = {**DEFAULT_PIPELINE, "decoders": [g for g in DEFAULT_PIPELINE["decoders"] if g in d["graphs"]]}
+    return {**d, "manifest_version": MANIFEST_VERSION, "model": m}
 
 
 @dataclass(frozen=True)
@@ -141,10 +218,10 @@ def read_manifest(directory: str | Path) -> dict:
         raise ArtifactError(f"{path}: not valid JSON ({e}); re-run `vlmdeploy export`") from e
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a vlmdeploy manifest (format {d.get('format') if isinstance(d, dict) else None!r})")
-    if d.get("manifest_version") != MANIFEST_VERSION:
+    if d.get("manifest_version") not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{path}: manifest_version {d.get('manifest_version')!r}, but this vlmdeploy reads version "
-            f"{MANIFEST_VERSION}; re-export the model with this version of vlmdeploy"
+            f"{path}: manifest_version {d.get('manifest_version')!r}, but this vlmdeploy reads versions "
+            f"{list(READABLE_VERSIONS)}; re-export the model with this version of vlmdeploy"
         )
     return d
 
@@ -171,12 +248,28 @@ def verify_files(directory: Path, files: dict[str, dict], checksums: bool = True
 def load_manifest(directory: str | Path, checksums: bool = True) -> Manifest:
     d = read_manifest(directory)
     try:
+        if d["manifest_version"] == 1:
+            d = _upgrade_v1(d)
         manifest = Manifest.from_dict(d)
         _check_file_entries(manifest.files)
+        _check_references(manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{directory}/{MANIFEST_NAME}: malformed manifest ({e!r}); re-run `vlmdeploy export`") from e
     verify_files(Path(directory), manifest.files, checksums)
     return manifest
+
+
+def _check_references(m: "Manifest") -> None:
+    """Graphs and tensors the model names exist and are files the manifest checksums."""
+    p = m.model.pipeline
+    for g in [*p.get("image", []), p["embed"], *p["decoders"]]:
+        if g not in m.graphs:
+            raise ValueError(f"pipeline names graph {g!r} but the manifest has only {sorted(m.graphs)}")
+    if not p["decoders"]:
+        raise ValueError("pipeline lists no decoder graph")
+    for name, file in {**m.graph_files, **m.model.tensors}.items():
+        if file not in m.files:
+            raise ValueError(f"{name!r} is stored in {file!r}, which 'files' does not list (every file must be checksummed)")
 
 
 def _check_file_entries(files) -> None:

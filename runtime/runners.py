@@ -17,10 +17,6 @@ import numpy as np
 
 from .spec import GraphSpec, SpecError
 
-# ort-cuda, ort-trt, trt and auto live in runtime/tensorrt/backends.py (imported only when asked for).
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt", "auto")
-
-
 class Runner:
     """Base: feed checking and output-buffer checking; subclasses implement `_run`."""
 
@@ -135,17 +131,3 @@ class OrtRunner(Runner):
             return False
         self._bound[key] = sig
         return True
-
-
-def make_runner(backend: str, path: str | Path, spec: GraphSpec, threads: int | None = None) -> Runner:
-    if backend == "auto":
-        from .tensorrt.backends import resolve_backend
-
-        backend = resolve_backend(Path(path).parent)
-    if backend == "ort-cpu":
-        return OrtRunner(path, spec, threads)
-    if backend in BACKENDS:
-        from .tensorrt.backends import make_gpu_runner
-
-        return make_gpu_runner(backend, path, spec, threads)
-    raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

@@ -389,15 +389,22 @@ def llava_tokens_per_image(
 def expand_image_placeholders(prompt: str, image_token: str, tokens_per_image: int, num_images: int) -> str:
     """Replace each `image_token` in `prompt` with `tokens_per_image` copies, as `LlavaProcessor.__call__`
     does. Placeholders are counted like transformers counts them (`str.count`, non-overlapping)."""
-    found = prompt.count(image_token)
-    if found != num_images:
+    return expand_placeholders(prompt, image_token, [tokens_per_image] * num_images)
+
+
+def expand_placeholders(prompt: str, placeholder: str, counts: list[int], kind: str = "image") -> str:
+    """Replace the i-th `placeholder` with `counts[i]` copies of itself (item i's token count), as HF's
+    processors do (LlavaNextProcessor: one count per image, in order)."""
+    found = prompt.count(placeholder)
+    if found != len(counts):
         raise ValueError(
-            f"prompt has {found} {image_token} placeholder{'' if found == 1 else 's'} but {num_images} "
-            f"image{' was' if num_images == 1 else 's were'} given; give one image per placeholder"
+            f"prompt has {found} {placeholder} placeholder{'' if found == 1 else 's'} but {len(counts)} "
+            f"{kind}{' was' if len(counts) == 1 else 's were'} given; give one {kind} per placeholder"
         )
-    if tokens_per_image < 1:
-        raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
-    return prompt.replace(image_token, image_token * tokens_per_image)
+    if any(c < 1 for c in counts):
+        raise ValueError(f"each {kind} needs >= 1 token, got counts {counts}")
+    parts = prompt.split(placeholder)
+    return parts[0] + "".join(placeholder * c + part for c, part in zip(counts, parts[1:]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""`VLM`: load an artifact directory and generate. No torch, no transformers.
+"""`VLM`: load an artifact directory and generate. No torch, no transformers. The public API.
 
-    images -> preprocess -> vision -> projector -> image_embeds [N, T, C]
-    prompt -> expand <image> -> tokenize -> embed -> [1, S, C] -> scatter image_embeds -> decoder loop
+    images -> family.prepare -> vision chain (manifest pipeline) -> family.pack -> [num_tokens_i, C] per image
+    prompt -> family.expand_prompt -> tokenize -> embed -> [1, S, C] -> scatter image embeds -> DecodeLoop
+
+What differs between model families lives in runtime/families/ (chosen by `manifest.model.family`).
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .generate import Batch, Decoder, StepStats
-from .images import ImagePreprocessor, load_image
+from .backends import make_runner
+from .families import family_class
+from .families.base import MediaItem
+from .generate import Batch, DecodeLoop, StepStats
+from .images import load_image
 from .manifest import ArtifactError, Manifest, load_manifest
-from .runners import make_runner
 from .sampling import Sampler, SamplingParams
 from .text import (
     IncrementalDetokenizer,
     TextProcessor,
     chat_prompt_adds_special_tokens,
-    expand_image_placeholders,
     render_chat_template,
 )
 
@@ -143,29 +146,30 @@ def _stop_index(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
     return min(hits) if hits else None
 
 
-DECODERS = ("decoder_gqa", "decoder")  # preferred first; decoder_gqa needs ONNX Runtime's contrib ops
-
-
 class VLM:
     def __init__(self, directory: Path, manifest: Manifest, backend: str, threads: int | None, decoder: str | None):
         self.directory, self.manifest, self.backend, self.threads = directory, manifest, backend, threads
         self.facts = manifest.model
-        self.preprocess = ImagePreprocessor.from_dict(manifest.preprocess)
+        tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in self.facts.tensors.items()}
+        self.family = family_class(self.facts.family)(self.facts, manifest.preprocess, tensors)
         self.text = TextProcessor.from_files(
             directory / manifest.tokenizer_file, directory / manifest.tokenizer_config_file
         )
         self.chat_template = (directory / manifest.chat_template_file).read_text() if manifest.chat_template_file else None
         self.decoder_graph = decoder or _pick_decoder(manifest, backend)
-        self.runners = {name: self._runner(name) for name in ("vision", "projector", "embed", self.decoder_graph)}
+        pipeline = self.facts.pipeline
+        graphs = [*pipeline["image"], pipeline["embed"], self.decoder_graph]
+        self.runners = {name: self._runner(name) for name in graphs}
         self.decoder = self._decoder()
 
-    def _decoder(self):
-        """The decode loop: on the host for ONNX Runtime; on the GPU (KV cache resident) for TensorRT."""
+    def _decoder(self) -> DecodeLoop:
+        """The decode loop, with its tensors on the host (ONNX Runtime) or on the GPU (TensorRT)."""
+        embed = self.runners[self.facts.pipeline["embed"]]
         if self.backend == "trt":
-            from .tensorrt.decode import DeviceDecoder
+            from .tensorrt.decode import device_decode_loop
 
-            return DeviceDecoder.for_artifact(self.directory, self.runners, self.facts.dims)
-        return Decoder(self.runners["embed"], self.runners[self.decoder_graph], self.facts.dims)
+            return device_decode_loop(self.directory, {**self.runners, "embed": embed}, self.facts, self.decoder_graph)
+        return DecodeLoop(embed, self.runners[self.decoder_graph], self.facts)
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True,
@@ -179,8 +183,9 @@ class VLM:
             from .tensorrt.backends import resolve_backend
 
             backend = resolve_backend(directory)
-        if decoder is not None and decoder not in manifest.graphs:
-            raise ArtifactError(f"{directory} has no {decoder!r} graph; it has {sorted(manifest.graphs)}")
+        decoders = manifest.model.pipeline["decoders"]
+        if decoder is not None and decoder not in decoders:
+            raise ArtifactError(f"{directory} has no decoder graph {decoder!r}; its decoders are {decoders}")
         return cls(directory, manifest, backend, threads, decoder)
 
     def _runner(self, name: str):
@@ -219,7 +224,7 @@ class VLM:
         batch, _, _ = self._prepare([_Request(prompt, _image_list(images))])
         if "decoder" not in self.runners:
             self.runners["decoder"] = self._runner("decoder")
-        return Decoder(self.runners["embed"], self.runners["decoder"], self.facts.dims).prefill_logits(batch)
+        return DecodeLoop(self.runners[self.facts.pipeline["embed"]], self.runners["decoder"], self.facts).prefill_logits(batch)
 
     def render_chat(self, messages: list[dict]) -> tuple[str, list]:
         """The prompt text the chat template renders, and the images in order of appearance."""
@@ -247,56 +252,64 @@ class VLM:
                 yield deltas[0]
 
     def _prepare(self, requests: list[_Request]) -> tuple[Batch, list[int], float]:
-        ids = [self._tokenize(r.prompt, len(r.images), r.add_special_tokens) for r in requests]  # cheap checks first
-        images = [r.images for r in requests]
+        items = [[self.family.prepare(load_image(i)) for i in r.images] for r in requests]  # [row][image]
+        ids = [self._tokenize(r, row) for r, row in zip(requests, items)]  # cheap checks before the vision graphs
         t0 = time.perf_counter()
-        embeds_per_image = self._encode_images([img for imgs in images for img in imgs])  # [N, T, C]
+        media = self.family.embed_media([i for row in items for i in row], self._run_graph)  # [num_tokens_i, C]
         vision_s = time.perf_counter() - t0
-        splits = np.cumsum([len(i) for i in images])[:-1]
-        embeds = [self._embed_row(row, feats) for row, feats in zip(ids, np.split(embeds_per_image, splits))]
+        splits = np.cumsum([len(row) for row in items])[:-1]
+        embeds = [self._embed_row(row, feats) for row, feats in zip(ids, _split(media, splits))]
         return _left_pad(embeds), [len(r) for r in ids], vision_s
 
-    def _encode_images(self, images: list) -> np.ndarray:
-        d = self.facts.dims
-        if not images:
-            return np.zeros((0, d.vision_tokens, d.hidden), dtype=d.dtype)
-        pixels = self.preprocess([load_image(i) for i in images]).astype(d.dtype)  # [N, 3, H, W]
-        features = self.runners["vision"].run({"pixel_values": pixels})["image_features"]  # [N, T, Cv]
-        return self.runners["projector"].run({"image_features": features})["image_embeds"]  # [N, T, C]
+    def _run_graph(self, name: str, x: np.ndarray) -> np.ndarray:
+        """A one-input, one-output graph of the media chain (names from its spec)."""
+        spec = self.manifest.graphs[name]
+        return self.runners[name].run({spec.input_names[0]: x})[spec.output_names[0]]
 
-    def _tokenize(self, prompt: str, num_images: int, add_special_tokens: bool) -> np.ndarray:
-        if not isinstance(prompt, str):
-            raise PromptError(f"prompt must be a str, got {type(prompt).__name__}")
+    def _tokenize(self, request: _Request, items: list[MediaItem]) -> np.ndarray:
+        if not isinstance(request.prompt, str):
+            raise PromptError(f"prompt must be a str, got {type(request.prompt).__name__}")
         f = self.facts
         try:
-            text = expand_image_placeholders(prompt, f.image_token, f.tokens_per_image, num_images)
+            text = self.family.expand_prompt(request.prompt, items)
         except ValueError as e:
             raise PromptError(str(e)) from None
-        ids = np.asarray(self.text.encode(text, add_special_tokens=add_special_tokens), dtype=np.int64)
+        ids = np.asarray(self.text.encode(text, add_special_tokens=request.add_special_tokens), dtype=np.int64)
         if len(ids) >= f.context_length:
+            visual = sum(i.num_tokens for i in items)
             raise PromptError(
-                f"prompt is {len(ids)} tokens ({num_images} image(s) x {f.tokens_per_image} visual tokens "
-                f"included) but the context is {f.context_length}; at most {f.context_length - 1} prompt "
-                "tokens leave room for one new token. Shorten the prompt or use fewer images."
+                f"prompt is {len(ids)} tokens ({len(items)} image(s), {visual} visual tokens included) but the "
+                f"context is {f.context_length}; at most {f.context_length - 1} prompt tokens leave room for one "
+                "new token. Shorten the prompt or use fewer or smaller images."
             )
         return ids
 
-    def _embed_row(self, ids: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
-        """[S] ids + [n, T, C] image embeds -> [S, C] with image embeds at the <image> positions."""
-        embeds = self.runners["embed"].run({"input_ids": ids[None]})["inputs_embeds"][0]  # [S, C]
+    def _embed_row(self, ids: np.ndarray, image_embeds: list[np.ndarray]) -> np.ndarray:
+        """[S] ids + each image's [n_i, C] embeds -> [S, C] with them at the image-token positions, in order."""
+        embeds = self.runners[self.facts.pipeline["embed"]].run({"input_ids": ids[None]})["inputs_embeds"][0]  # [S, C]
         slots = ids == self.facts.image_token_id
-        if slots.sum() != image_embeds.shape[0] * image_embeds.shape[1]:
+        given = sum(e.shape[0] for e in image_embeds)
+        if slots.sum() != given:
             raise PromptError(
-                f"the prompt holds {int(slots.sum())} image tokens but the images give "
-                f"{image_embeds.shape[0] * image_embeds.shape[1]} features; do not type the image token "
-                f"{self.facts.image_token!r} expanded by hand"
+                f"the prompt holds {int(slots.sum())} image tokens but the images give {given} features; "
+                f"do not type the image token {self.facts.image_token!r} expanded by hand"
             )
-        embeds[slots] = image_embeds.reshape(-1, embeds.shape[-1])
+        if given:
+            embeds[slots] = np.concatenate(image_embeds)
         return embeds
 
 
+def _split(media: list[np.ndarray], splits: np.ndarray) -> list[list[np.ndarray]]:
+    bounds = [0, *splits.tolist(), len(media)]
+    return [media[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def _pick_decoder(manifest: Manifest, backend: str) -> str:
-    usable = [d for d in DECODERS if d in manifest.graphs and (d == "decoder" or backend.startswith("ort"))]
+    """The first decoder of the pipeline this backend runs (decoder_gqa needs ONNX Runtime's contrib ops)."""
+    decoders = manifest.model.pipeline["decoders"]
+    usable = [d for d in decoders if d == "decoder" or backend.startswith("ort")]
+    if not usable:
+        raise ArtifactError(f"backend {backend!r} cannot run any of this artifact's decoders {decoders}")
     return usable[0]
 
 

@@ -13,7 +13,7 @@ from conftest import VARIANTS
 from test_hf_files import write_v4_layout
 from test_parity import PROMPT, hf_generate
 from vlmdeploy.export.exporter import export_model
-from vlmdeploy.export.llava import feature_layers
+from vlmdeploy.export.components import feature_layers
 from vlmdeploy.runtime.manifest import MANIFEST_VERSION, sha256_file
 from vlmdeploy.runtime.spec import kv_names
 from vlmdeploy.runtime.vlm import VLM
@@ -57,10 +57,15 @@ def test_manifest_records_files_facts_and_versions(tiny):
     assert {"decoder.onnx.data", "tokenizer.json", "chat_template.jinja"} <= on_disk
     facts = m["model"]
     cfg = tiny.model.config
-    assert facts["image_token_id"] == cfg.image_token_id
-    assert facts["tokens_per_image"] == (56 // 14) ** 2
+    assert facts["family"] == "llava" and facts["positions"] == "cumsum"
+    assert facts["media"]["image"] == {"placeholder": "<image>", "token_id": cfg.image_token_id,
+                                       "typical_tokens": (56 // 14) ** 2}
+    assert facts["family_params"]["tokens_per_image"] == (56 // 14) ** 2
     assert facts["context_length"] == cfg.text_config.max_position_embeddings
     assert facts["dims"]["kv_heads"] == cfg.text_config.num_key_value_heads
+    assert facts["kv_layers"] == [{"kv_heads": cfg.text_config.num_key_value_heads, "head_dim": 16, "window": None}] * 2
+    assert facts["pipeline"] == {"image": ["vision", "projector"], "embed": "embed", "decoders": ["decoder_gqa", "decoder"]}
+    assert facts["limits"]["seq"] == facts["context_length"] and facts["limits"]["rows_per_image"] == 1
     assert set(m["versions"]) >= {"torch", "transformers", "onnx", "onnxruntime"}
     assert set(m["validation"]) == {"vision", "projector", "embed", "decoder", "decoder_gqa"}
 

@@ -1,4 +1,5 @@
-"""runtime/images.py against transformers' PIL-backend CLIP / Llava image processors."""
+"""runtime/images.py against transformers' PIL-backend image processors (CLIP, Llava, SigLIP,
+BiT), bit for bit."""
 
 import io
 import json
@@ -9,15 +10,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmdeploy.runtime.images import ImageError, ImagePreprocessor, load_image
+from vlmdeploy.runtime.images import (
+    ImageError,
+    ImagePreprocessor,
+    hf_image_processor_kinds,
+    load_image,
+)
 
 skdata = pytest.importorskip("skimage.data")
 transformers = pytest.importorskip("transformers")
 # The PIL classes are what `CLIPImageProcessor` / `LlavaImageProcessor` resolve to without
 # torchvision; naming them keeps the reference the same when torchvision is present.
-from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil  # noqa: E402
+from transformers import (  # noqa: E402
+    BitImageProcessorPil,
+    CLIPImageProcessorPil,
+    LlavaImageProcessorPil,
+    SiglipImageProcessorPil,
+)
 
-TOL = 1e-5
 CLIP, LLAVA = "CLIPImageProcessor", "LlavaImageProcessor"
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -43,6 +53,10 @@ def _photos():
         "odd": astronaut.resize((333, 211)),
         "tiny": chelsea.resize((20, 13)),  # smaller than every crop used
         "sliver": astronaut.resize((5, 1)),
+        "wide": astronaut.resize((400, 6)),
+        "tall": coffee.resize((6, 400)),
+        "one_high": chelsea.resize((120, 1)),
+        "one_wide": coffee.resize((1, 90)),
     }
 
 
@@ -121,21 +135,22 @@ HF_CASES = {
 }
 
 
-def _max_diffs(hf, images):
-    ours = ImagePreprocessor.from_hf_config(hf.to_dict())
+def _assert_exact(hf, pre, images):
+    """Our pixel_values equal HF's bit for bit, image by image."""
     names = list(images)
     expected = hf(images=[images[n] for n in names], return_tensors="np")["pixel_values"]
-    got = ours([images[n] for n in names])
-    assert got.dtype == np.float32
-    assert got.shape == expected.shape == (len(names), 3, *ours.output_size)
-    return {n: float(np.abs(got[i] - expected[i]).max()) for i, n in enumerate(names)}
+    got = pre([images[n] for n in names])
+    assert got.dtype == expected.dtype == np.float32
+    assert got.shape == expected.shape == (len(names), 3, *pre.output_size)
+    bad = {n: float(np.abs(got[i] - expected[i]).max())
+           for i, n in enumerate(names) if not np.array_equal(got[i], expected[i])}
+    assert not bad, f"not bit-exact (max abs diff per image): {bad}"
 
 
 @pytest.mark.parametrize("case", HF_CASES)
 def test_matches_hf(case, images):
-    diffs = _max_diffs(HF_CASES[case](), images)
-    bad = {n: d for n, d in diffs.items() if not d <= TOL}
-    assert not bad, f"{case}: max abs diff above {TOL}: {bad}"
+    hf = HF_CASES[case]()
+    _assert_exact(hf, ImagePreprocessor.from_hf_config(hf.to_dict()), images)
 
 
 def test_rgba_is_composited_on_white(images):
@@ -251,15 +266,7 @@ def test_from_hf_config_matches_hf_from_dict(name, images):
     pre = ImagePreprocessor.from_hf_config(d)
     assert pre.output_size == EXPECTED_SIZE[name]
     subset = {k: images[k] for k in ("chelsea", "portrait", "tiny", "RGBA")}
-    diffs = _max_diffs_between(hf_cls.from_dict(dict(d)), pre, subset)
-    assert max(diffs.values()) <= TOL, diffs
-
-
-def _max_diffs_between(hf, pre, images):
-    expected = hf(images=list(images.values()), return_tensors="np")["pixel_values"]
-    got = pre(list(images.values()))
-    assert got.shape == expected.shape
-    return {n: float(np.abs(got[i] - expected[i]).max()) for i, n in enumerate(images)}
+    _assert_exact(hf_cls.from_dict(dict(d)), pre, subset)
 
 
 def test_from_hf_config_fields():
@@ -288,7 +295,7 @@ def test_to_dict_round_trip():
 @pytest.mark.parametrize(
     "d, words",
     [
-        ({"image_processor_type": "SiglipImageProcessor"}, ["unsupported image_processor_type", "CLIP"]),
+        ({"image_processor_type": "ViTImageProcessor"}, ["unsupported image_processor_type", "CLIP"]),
         ({"size": {"shortest_edge": 336}}, ["unsupported image_processor_type", "None"]),
         (PROCESSOR_5X, ['"image_processor" dict']),
         ({**LLAVA_HF_4X, "size": {"shortest_edge": 336, "longest_edge": 500}}, ["unsupported size"]),
@@ -413,3 +420,246 @@ def test_images_module_imports_neither_torch_nor_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP and BiT (DINOv2): bit-exact against HF, from to_dict() and from save_pretrained's JSON
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+FAMILY_CASES = {
+    "siglip224": lambda: SiglipImageProcessorPil(),
+    "siglip384": lambda: SiglipImageProcessorPil(size=_hw(384, 384)),
+    "siglip28": lambda: SiglipImageProcessorPil(size=_hw(28, 28)),
+    "siglip_rect_bilinear": lambda: SiglipImageProcessorPil(size=_hw(20, 36), resample=2),
+    "dinov2": lambda: BitImageProcessorPil(
+        size={"shortest_edge": 256}, crop_size=_hw(224, 224),
+        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+    ),
+    "bit_defaults": lambda: BitImageProcessorPil(),
+    "bit_tiny": lambda: BitImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size=_hw(28, 28),
+        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+    ),
+}
+FAMILY_SIZE = {"siglip224": (224, 224), "siglip384": (384, 384), "siglip28": (28, 28),
+               "siglip_rect_bilinear": (20, 36), "dinov2": (224, 224),
+               "bit_defaults": (224, 224), "bit_tiny": (28, 28)}
+
+
+def _saved_config(hf, tmp_path) -> dict:
+    """A bare image processor's save_pretrained writes preprocessor_config.json, nothing else."""
+    hf.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preprocessor_config.json"]
+    return json.loads((tmp_path / "preprocessor_config.json").read_text())
+
+
+@pytest.mark.parametrize("source", ["to_dict", "preprocessor_config.json"])
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_siglip_bit_match_hf_exactly(case, source, images, tmp_path):
+    hf = FAMILY_CASES[case]()
+    d = hf.to_dict() if source == "to_dict" else _saved_config(hf, tmp_path)
+    pre = ImagePreprocessor.from_hf_config(d)
+    assert pre.output_size == FAMILY_SIZE[case]
+    _assert_exact(hf, pre, images)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<image>": 1, "a": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def _siglip_processor(hf):
+    from transformers import SiglipProcessor
+
+    return SiglipProcessor(image_processor=hf, tokenizer=_tiny_tokenizer())
+
+
+def _llava_processor(hf):  # e.g. a LLaVA-style model on a DINOv2 tower
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(image_processor=hf, tokenizer=_tiny_tokenizer(), patch_size=14)
+
+
+@pytest.mark.parametrize(
+    "case, make", [("siglip28", _siglip_processor), ("bit_tiny", _llava_processor)]
+)
+def test_nested_processor_config_matches_hf_exactly(case, make, images, tmp_path):
+    """5.x save_pretrained of a whole processor nests the image processor in
+    processor_config.json and writes no preprocessor_config.json."""
+    hf = FAMILY_CASES[case]()
+    make(hf).save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    pre = ImagePreprocessor.from_hf_config(saved["image_processor"])
+    _assert_exact(hf, pre, {k: images[k] for k in ("chelsea", "tall", "RGBA", "P+transparency")})
+
+
+@pytest.mark.parametrize(
+    "kind, hf_cls",
+    [
+        (CLIP, CLIPImageProcessorPil),
+        (LLAVA, LlavaImageProcessorPil),
+        ("SiglipImageProcessor", SiglipImageProcessorPil),
+        ("BitImageProcessor", BitImageProcessorPil),
+    ],
+)
+def test_class_defaults_match_hf(kind, hf_cls):
+    """A config naming only the type takes the same defaults as transformers' class."""
+    assert ImagePreprocessor.from_hf_config({"image_processor_type": kind}) == (
+        ImagePreprocessor.from_hf_config(hf_cls().to_dict())
+    )
+
+
+def test_siglip_composites_rgba_on_white(images):
+    pre = ImagePreprocessor.from_hf_config(FAMILY_CASES["siglip28"]().to_dict())
+    rgba = images["RGBA"]
+    assert np.abs(pre([rgba]) - pre([rgba.convert("RGB")])).max() > 0.5
+
+
+def test_siglip_bit_fields():
+    siglip = ImagePreprocessor.from_hf_config(FAMILY_CASES["siglip384"]().to_dict())
+    assert (siglip.size_hw, siglip.shortest_edge) == ((384, 384), None)
+    assert not siglip.do_center_crop and siglip.crop_size is None
+    assert siglip.image_mean == siglip.image_std == (0.5, 0.5, 0.5) and siglip.resample == 3
+    dino = ImagePreprocessor.from_hf_config(FAMILY_CASES["dinov2"]().to_dict())
+    assert (dino.shortest_edge, dino.crop_size, dino.resample) == (256, (224, 224), 3)
+    assert dino.image_mean == tuple(IMAGENET_MEAN) and not dino.do_pad
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_siglip_bit_to_dict_round_trip(case):
+    pre = ImagePreprocessor.from_hf_config(FAMILY_CASES[case]().to_dict())
+    stored = json.loads(json.dumps(pre.to_dict()))
+    assert ImagePreprocessor.from_dict(stored) == pre
+    assert sorted(stored) == sorted(OLD_FORMAT["llava_hf_4x"])  # same keys as before SigLIP/BiT
+
+
+SIGLIP_SO400M = {  # preprocessor_config.json of a published SigLIP checkpoint (4.x layout)
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "SiglipImageProcessor",
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "SiglipProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 384, "width": 384},
+}
+DINOV2_BASE = {  # preprocessor_config.json of a published DINOv2 checkpoint
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": IMAGENET_MEAN,
+    "image_processor_type": "BitImageProcessor",
+    "image_std": IMAGENET_STD,
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 256},
+}
+
+
+@pytest.mark.parametrize(
+    "d, hf_cls, size",
+    [
+        (SIGLIP_SO400M, SiglipImageProcessorPil, (384, 384)),
+        (DINOV2_BASE, BitImageProcessorPil, (224, 224)),
+        ({"image_processor_type": "SiglipImageProcessorFast", "size": [24, 40]},
+         SiglipImageProcessorPil, (24, 40)),
+        ({"image_processor_type": "BitImageProcessorPil", "size": 32, "crop_size": 28,
+          "image_mean": 0.5, "image_std": 0.25}, BitImageProcessorPil, (28, 28)),
+        ({"image_processor_type": "SiglipImageProcessor", "size": _hw(28, 28),
+          "do_center_crop": True, "crop_size": _hw(20, 24)}, SiglipImageProcessorPil, (20, 24)),
+        ({"image_processor_type": "BitImageProcessor", "size": _hw(30, 40), "do_center_crop": None,
+          "do_normalize": None, "do_convert_rgb": True}, BitImageProcessorPil, (30, 40)),
+        ({"image_processor_type": "SiglipImageProcessor", "size": _hw(28, 28), "do_pad": True},
+         SiglipImageProcessorPil, (28, 28)),
+        ({"image_processor_type": "BitImageProcessor", "size": 30, "crop_size": 28,
+          "do_pad": True, "pad_size": 28}, BitImageProcessorPil, (28, 28)),
+    ],
+)
+def test_siglip_bit_configs_match_hf_from_dict(d, hf_cls, size, images):
+    pre = ImagePreprocessor.from_hf_config(d)
+    assert pre.output_size == size
+    subset = {k: images[k] for k in ("chelsea", "portrait", "tiny", "wide", "RGBA", "L", "I;16")}
+    _assert_exact(hf_cls.from_dict(dict(d)), pre, subset)
+
+
+# Dicts written by ImagePreprocessor.to_dict() before SigLIP/BiT support (artifacts exported then
+# must still load), with the HF configs they were made from.
+OLD_FORMAT = {
+    "llava_hf_4x": {
+        "do_convert_rgb": True, "do_pad": False, "do_resize": True, "shortest_edge": 336,
+        "size_hw": None, "resample": 3, "do_center_crop": True, "crop_size": [336, 336],
+        "do_rescale": True, "rescale_factor": 0.00392156862745098, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    },
+    "processor_5x": {
+        "do_convert_rgb": True, "do_pad": True, "do_resize": True, "shortest_edge": 336,
+        "size_hw": None, "resample": 3, "do_center_crop": True, "crop_size": [336, 336],
+        "do_rescale": True, "rescale_factor": 0.00392156862745098, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    },
+    "nulls_turn_steps_off": {
+        "do_convert_rgb": True, "do_pad": False, "do_resize": True, "shortest_edge": None,
+        "size_hw": [32, 48], "resample": 3, "do_center_crop": False, "crop_size": None,
+        "do_rescale": True, "rescale_factor": 0.00392156862745098, "do_normalize": False,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    },
+}
+
+
+@pytest.mark.parametrize("name", OLD_FORMAT)
+def test_old_format_dict_still_loads(name, images):
+    d, hf_cls = CONFIGS[name]
+    old = ImagePreprocessor.from_dict(json.loads(json.dumps(OLD_FORMAT[name])))
+    assert old == ImagePreprocessor.from_hf_config(d)
+    assert old.to_dict() == OLD_FORMAT[name]  # and is still written the same way
+    subset = {k: images[k] for k in ("chelsea", "portrait", "tiny", "RGBA", "P+transparency")}
+    _assert_exact(hf_cls.from_dict(dict(d)), old, subset)
+
+
+def test_hf_image_processor_kinds():
+    kinds = hf_image_processor_kinds()
+    assert isinstance(kinds, tuple) and list(kinds) == sorted(set(kinds))
+    bases = {"CLIPImageProcessor", "LlavaImageProcessor", "SiglipImageProcessor",
+             "BitImageProcessor"}
+    assert set(kinds) == {b + s for b in bases for s in ("", "Fast", "Pil")}
+    for kind in kinds:
+        ImagePreprocessor.from_hf_config({"image_processor_type": kind})  # each is accepted
+        base = kind.removesuffix("Fast").removesuffix("Pil")
+        assert hasattr(transformers, base + "Pil"), kind  # a real transformers class
+    with pytest.raises(ValueError) as err:
+        ImagePreprocessor.from_hf_config({"image_processor_type": "ViTImageProcessor"})
+    assert all(kind in str(err.value) for kind in kinds)
+
+
+@pytest.mark.parametrize(
+    "d, words",
+    [
+        ({"feature_extractor_type": "ViTFeatureExtractor"},
+         ["unsupported feature_extractor_type 'ViTFeatureExtractor'", "SiglipImageProcessor"]),
+        ({**SIGLIP_SO400M, "size": 384}, ["fixed size"]),  # int size = shortest_edge, no crop
+        ({**SIGLIP_SO400M, "do_center_crop": True}, ["do_center_crop needs crop_size"]),
+        ({**SIGLIP_SO400M, "do_pad": True, "pad_size": [400, 400]},
+         ["do_pad with pad_size", "(384, 384)", "pad_size null"]),
+        ({**DINOV2_BASE, "do_pad": True, "pad_size": {"shortest_edge": 3}},
+         ["unsupported pad_size"]),
+        ({**DINOV2_BASE, "resample": None}, ["do_resize needs resample"]),
+    ],
+)
+def test_siglip_bit_rejects(d, words):
+    with pytest.raises(ValueError) as err:
+        ImagePreprocessor.from_hf_config(d)
+    for word in words:
+        assert word in str(err.value)

@@ -35,7 +35,7 @@ def _kv(plan) -> int:
     TinyConfig(text_heads=8, text_kv_heads=2, vision_feature_layer=[-3, -1], vision_intermediate=96),
 ], ids=["gqa-l2", "mha-full-l1", "multilayer"])
 def test_parameter_counts_equal_pytorch(cfg):
-    from vlmdeploy.export.llava import feature_layers
+    from vlmdeploy.export.components import feature_layers
     from vlmdeploy.export.tiny import build_tiny_model
 
     model, _ = build_tiny_model(cfg)

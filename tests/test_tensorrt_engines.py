@@ -17,7 +17,8 @@ import pytest
 from vlmdeploy.runtime.check import check_artifact
 from vlmdeploy.runtime.cli import main
 from vlmdeploy.runtime.manifest import Manifest, load_manifest, read_manifest, sha256_file
-from vlmdeploy.runtime.runners import OrtRunner, make_runner
+from vlmdeploy.runtime.backends import make_runner
+from vlmdeploy.runtime.runners import OrtRunner
 from vlmdeploy.runtime.tensorrt import decode
 from vlmdeploy.runtime.tensorrt.backends import resolve_backend
 from vlmdeploy.runtime.tensorrt.build import BuildError, BuildOptions, build_engines

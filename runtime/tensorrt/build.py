@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..manifest import MANIFEST_NAME, ArtifactError, describe_files, load_manifest, sha256_file, staging_dir
-from .engines import (ENGINE_GRAPHS, ENGINES_DIR, GREEDY, PRECISIONS, EngineEntry, EnginesSection, Platform,
+from .engines import (engine_graphs, ENGINES_DIR, GREEDY, PRECISIONS, EngineEntry, EnginesSection, Platform,
                       current_platform, verify_engine)
 from .greedy import greedy_spec, write_greedy_onnx
 from .loader import EngineRecipe, stderr_log
@@ -99,10 +99,11 @@ def _tensorrt_builder():
 
 
 def _engine_specs(manifest) -> dict:
-    missing = [g for g in ENGINE_GRAPHS if g not in manifest.graphs]
+    wanted = engine_graphs(manifest.model)
+    missing = [g for g in wanted if g not in manifest.graphs]
     if missing:
-        raise ArtifactError(f"the manifest has no {missing} graph(s); the TensorRT runtime needs {list(ENGINE_GRAPHS)}")
-    return {**{g: manifest.graphs[g] for g in ENGINE_GRAPHS}, GREEDY: greedy_spec(manifest.model.dims)}
+        raise ArtifactError(f"the manifest has no {missing} graph(s); the TensorRT runtime needs {list(wanted)}")
+    return {**{g: manifest.graphs[g] for g in wanted}, GREEDY: greedy_spec(manifest.model.dims)}
 
 
 def static_check_artifact(directory: str | Path, manifest, target: TrtTarget, limits: Limits) -> list[GraphReport]:
@@ -111,7 +112,8 @@ def static_check_artifact(directory: str | Path, manifest, target: TrtTarget, li
     specs = _engine_specs(manifest)
     with tempfile.TemporaryDirectory(prefix="vlmdeploy-greedy-") as tmp:
         write_greedy_onnx(Path(tmp) / f"{GREEDY}.onnx", manifest.model.dims)
-        paths = {**{g: directory / manifest.graph_files[g] for g in ENGINE_GRAPHS}, GREEDY: Path(tmp) / f"{GREEDY}.onnx"}
+        paths = {**{g: directory / manifest.graph_files[g] for g in engine_graphs(manifest.model)},
+                 GREEDY: Path(tmp) / f"{GREEDY}.onnx"}
         return [check_graph(paths[name], spec, target, derive_profiles(spec, limits)) for name, spec in specs.items()]
 
 
@@ -187,9 +189,9 @@ def tensorrt_check(directory: str | Path, manifest, trt_version: str = "10",
     lines = [(f.severity, f"{r.graph}: tensorrt {f.rule}: {f.message}")
              for r in static_check_artifact(directory, manifest, target, options.limits(manifest.model))
              for f in r.findings]
-    others = sorted(set(manifest.graphs) - set(ENGINE_GRAPHS))
+    others = sorted(set(manifest.graphs) - set(engine_graphs(manifest.model)))
     if others:
-        lines.append(("info", f"tensorrt: {others} not checked: the TensorRT runtime runs {list(ENGINE_GRAPHS)}"))
+        lines.append(("info", f"tensorrt: {others} not checked: the TensorRT runtime runs {list(engine_graphs(manifest.model))}"))
     return lines + _engine_lines(Path(directory), manifest)
 
 

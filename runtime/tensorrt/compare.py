@@ -21,23 +21,18 @@ import numpy as np
 from ..dummy import sample_feeds
 from ..manifest import load_manifest
 from .engines import GREEDY, load_engines
+from .greedy import greedy_spec
 
 # (atol, rtol) per engine precision; fp32 engines are built with TF32 off (Polygraphy's default)
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (3e-2, 3e-2), "bf16": (1e-1, 5e-2)}
 POINTS = ("min", "opt", "max")
 
 
-def profile_feeds(name: str, profile, facts, seed: int = 0) -> list[dict]:
+def profile_feeds(spec, profile, facts, seed: int = 0) -> list[dict]:
     """Random feeds at the profile's min, opt and max dims (deduplicated), as the spec describes them."""
     rng = np.random.default_rng(seed)
     points = list(dict.fromkeys(tuple((d, getattr(r, k)) for d, r in profile.dims.items()) for k in POINTS))
-    return [_feeds(name, dict(point), facts, rng) for point in points]
-
-
-def _feeds(name: str, dims: dict, facts, rng) -> dict:
-    if name == GREEDY:
-        return {"logits": rng.standard_normal((dims["batch"], dims["seq"], facts.dims.vocab)).astype(facts.dims.dtype)}
-    return sample_feeds(name, dims, facts, rng)
+    return [sample_feeds(spec, dict(point), facts, rng) for point in points]
 
 
 def compare_runners(reference, candidate, feeds: list[dict], atol: float, rtol: float) -> bool:
@@ -62,7 +57,8 @@ def compare_engines(directory: Path) -> list[str]:
         engine = EngineFromBytes(BytesFromPath(str(directory / entry.file)))()
         reference = OnnxrtRunner(SessionFromOnnx(str(directory / entry.onnx), providers=["CPUExecutionProvider"]))
         for index, profile in enumerate(entry.profiles):
-            feeds = profile_feeds(name, profile, manifest.model)
+            spec = greedy_spec(manifest.model.dims) if name == GREEDY else manifest.graphs[name]
+            feeds = profile_feeds(spec, profile, manifest.model)
             ok = compare_runners(reference, TrtRunner(engine, optimization_profile=index), feeds, atol, rtol)
             lines.append(f"{'ok  ' if ok else 'FAIL'} {name} profile {profile.describe()}: TensorRT vs ONNX Runtime "
                          f"at {len(feeds)} shapes, atol {atol} rtol {rtol}")
@@ -73,18 +69,18 @@ def token_check(directory: Path, new_tokens: int = 16) -> list[str]:
     """Greedy tokens of the TensorRT paths vs ONNX Runtime on the CPU, on one prompt with one image."""
     from PIL import Image
 
+    from ..generate import DecodeLoop
     from ..vlm import VLM
-    from .decode import DeviceDecoder
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     reference = VLM.load(directory, backend="ort-cpu", decoder="decoder")
     prompt = f"{reference.facts.image_token}\nWhat is in the picture?"
     ask = dict(max_new_tokens=new_tokens, ignore_eos=True)
     want = reference.generate(prompt, [image], **ask).token_ids
-    vlm = VLM.load(directory, backend="trt", verify=False)
-    got = {"trt (host loop)": vlm.generate(prompt, [image], **ask).token_ids}
-    vlm.decoder = DeviceDecoder.for_artifact(directory, vlm.runners, vlm.facts.dims)  # the GPU-resident loop
-    got["trt (device loop)"] = vlm.generate(prompt, [image], **ask).token_ids
+    vlm = VLM.load(directory, backend="trt", verify=False)  # the decode loop with its tensors on the GPU
+    got = {"trt (device memory)": vlm.generate(prompt, [image], **ask).token_ids}
+    vlm.decoder = DecodeLoop(vlm.runners["embed"], vlm.runners["decoder"], vlm.facts)  # the same loop, host memory
+    got["trt (host memory)"] = vlm.generate(prompt, [image], **ask).token_ids
     exact = load_engines(directory).precision == "fp32"
     return [_token_line(path, want, tokens, exact) for path, tokens in got.items()]
 

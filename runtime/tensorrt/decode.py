@@ -1,4 +1,4 @@
-"""The decode loop of generate.Decoder with the KV cache, logits and token ids resident on the GPU.
+"""The GPU memory of the one decode loop (generate.DecodeLoop): KV cache, logits and token ids resident on the GPU.
 
     prefill: embeds [B,S,C] (host, once) -> decoder -> logits [B,S,V] -> greedy -> ids [B,1]
     step:    ids [B,1] -> embed -> [B,1,C] -> decoder (past/present in DeviceKVCache) -> logits [B,1,V] -> greedy -> ids
@@ -11,13 +11,11 @@ Everything is allocated once, at the limits the engines were built for.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from ..generate import Batch
+from ..generate import DecodeLoop
 from ..sampling import Sampler
 from ..spec import ModelDims, kv_names
 from .cuda import DeviceBuffer, DeviceTensor
@@ -68,84 +66,51 @@ class DeviceKVCache:
             b.free()
 
 
-class DeviceDecoder:
-    """generate.Decoder's interface (prefill_logits, tokens) over TrtRunners that share one stream."""
+class DeviceMemory:
+    """generate.DecodeLoop's tensors on the GPU: the KV cache, prompt embeds, logits and token ids are
+    device buffers allocated once at the engines' limits; greedy picks run on the GPU (greedy.py)."""
 
-    def __init__(self, embed: TrtRunner, decoder: TrtRunner, greedy: TrtRunner, dims: ModelDims, limits: Limits):
-        self.embed, self.decoder, self.greedy, self.dims, self.limits = embed, decoder, greedy, dims, limits
-        self.stream = decoder.stream
+    def __init__(self, greedy: TrtRunner, dims: ModelDims, limits: Limits):
+        self.greedy, self.dims, self.limits, self.stream = greedy, dims, limits, greedy.stream
         self.kv = DeviceKVCache(dims, limits)
         rows, f = limits.max_batch, np.dtype(dims.dtype).itemsize
         self._logits = DeviceBuffer(rows * limits.max_input * dims.vocab * f)  # prefill logits are the largest
         self._embeds = DeviceBuffer(rows * limits.max_input * dims.hidden * f)
         self._ids = DeviceBuffer(rows * 8)
 
-    @classmethod
-    def for_artifact(cls, directory: str | Path, runners: dict, dims: ModelDims) -> "DeviceDecoder":
-        """From the VLM's embed/decoder TrtRunners plus the greedy engine `vlmdeploy build` made."""
-        greedy = TrtRunner.from_artifact(directory, greedy_spec(dims), stream=runners["decoder"].stream)
-        limits = load_engines(directory).limits
-        return cls(runners["embed"], runners["decoder"], greedy, dims, limits)
+    def cache(self, batch: int, capacity: int) -> DeviceKVCache:
+        self.kv.reset(batch, capacity)
+        return self.kv
 
-    def prefill_logits(self, batch: Batch) -> np.ndarray:
-        """Logits [B, S, V] of one pass over the prompt, copied to the host."""
-        b, s, _ = batch.embeds.shape
-        self.kv.reset(b, s)
-        positions = np.maximum(np.cumsum(batch.mask, axis=1) - 1, 0).astype(np.int64)
-        return self._forward(self._upload_embeds(batch.embeds), batch.mask, positions).numpy(self.stream)
+    def prompt_embeds(self, embeds: np.ndarray) -> DeviceTensor:
+        b, s, _ = embeds.shape
+        if b > self.limits.max_batch or s > self.limits.max_input:
+            raise ProfileError(f"a batch of {b} prompt(s) of {s} tokens exceeds the engines' limits (max_batch "
+                               f"{self.limits.max_batch}, max_input {self.limits.max_input}); rebuild with "
+                               "`vlmdeploy build --max-batch/--max-input`")
+        device = self._embeds.tensor(embeds.shape, self.dims.dtype)
+        device.copy_from(embeds, self.stream)
+        return device
 
-    def tokens(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[np.ndarray]:
-        """Yields the sampled token ids [B] of each step."""
-        b, s, _ = batch.embeds.shape
-        capacity = s + max_new_tokens
-        self.kv.reset(b, capacity)
-        mask = np.zeros((b, capacity), dtype=np.int64)  # [B, capacity], host; a [B, total] prefix goes up per step
-        mask[:, :s] = batch.mask
-        positions = np.maximum(np.cumsum(batch.mask, axis=1) - 1, 0).astype(np.int64)  # [B, S]
-        t0 = time.perf_counter()
-        logits = self._forward(self._upload_embeds(batch.embeds), mask[:, :s], positions)
-        next_pos = positions[:, -1:] + 1  # [B, 1]
-        for step in range(max_new_tokens):
-            ids = self._choose(logits, sampler)  # [B, 1] on the device
-            tokens = ids.numpy(self.stream)[:, 0]  # the only copy to the host; waits for the GPU
-            self._account(batch, step, time.perf_counter() - t0)
-            yield tokens
-            if step == max_new_tokens - 1:
-                return  # the last token never needs a decoder pass
-            t0 = time.perf_counter()
-            mask[:, self.kv.length] = 1
-            step_embeds = self._embeds.tensor((b, 1, self.dims.hidden), self.dims.dtype)
-            embeds = self.embed.run({"input_ids": ids}, out={"inputs_embeds": step_embeds})["inputs_embeds"]
-            logits = self._forward(embeds, mask[:, : self.kv.length + 1], next_pos)
-            next_pos = next_pos + 1
+    def logits(self, batch: int, seq: int) -> DeviceTensor:
+        return self._logits.tensor((batch, seq, self.dims.vocab), self.dims.dtype)
 
-    @staticmethod
-    def _account(batch: Batch, step: int, seconds: float) -> None:
-        """Step 0 is the prefill (time to the first token); later steps are decode steps."""
-        if step == 0:
-            batch.stats.prefill_s = seconds
-        else:
-            batch.stats.steps += 1
-            batch.stats.step_s += seconds
+    def step_embeds(self, batch: int) -> DeviceTensor:
+        return self._embeds.tensor((batch, 1, self.dims.hidden), self.dims.dtype)
 
-    def _forward(self, embeds: DeviceTensor, mask: np.ndarray, positions: np.ndarray) -> DeviceTensor:
-        """One decoder pass; logits [B, S, V] stay on the device, present is written into the cache."""
-        b, s = positions.shape
-        feeds = {"inputs_embeds": embeds, "attention_mask": np.ascontiguousarray(mask), "position_ids": positions,
-                 **self.kv.past()}
-        logits = self._logits.tensor((b, s, self.dims.vocab), self.dims.dtype)
-        self.decoder.run(feeds, out={"logits": logits, **self.kv.present(s)})
-        self.kv.advance(s)
-        return logits
-
-    def _choose(self, logits: DeviceTensor, sampler: Sampler) -> DeviceTensor:
-        """Next token ids [B, 1] on the device: the greedy engine, or the host sampler for temperature > 0."""
+    def choose(self, logits: DeviceTensor, sampler: Sampler) -> tuple[DeviceTensor, np.ndarray]:
+        """(ids [B, 1] on the device, token ids [B] on the host): the greedy engine, or the host
+        sampler for temperature > 0. The ids are the only copy to the host per step."""
         b = logits.shape[0]
         ids = self._ids.tensor((b, 1), np.int64)
         if sampler.params.temperature == 0:
-            return self.greedy.run({"logits": logits}, out={"token_ids": ids})["token_ids"]
-        ids.copy_from(sampler(self._last_logits(logits))[:, None], self.stream)
-        return ids
+            ids = self.greedy.run({"logits": logits}, out={"token_ids": ids})["token_ids"]
+        else:
+            ids.copy_from(sampler(self._last_logits(logits))[:, None], self.stream)
+        return ids, ids.numpy(self.stream)[:, 0]
+
+    def to_host(self, logits: DeviceTensor) -> np.ndarray:
+        return logits.numpy(self.stream)
 
     def _last_logits(self, logits: DeviceTensor) -> np.ndarray:
         """[B, V] at the last position, copied row by row (rows are S*V apart)."""
@@ -157,17 +122,15 @@ class DeviceDecoder:
         self.stream.synchronize()
         return host
 
-    def _upload_embeds(self, embeds: np.ndarray) -> DeviceTensor:
-        b, s, _ = embeds.shape
-        if b > self.limits.max_batch or s > self.limits.max_input:
-            raise ProfileError(f"a batch of {b} prompt(s) of {s} tokens exceeds the engines' limits (max_batch "
-                               f"{self.limits.max_batch}, max_input {self.limits.max_input}); rebuild with "
-                               "`vlmdeploy build --max-batch/--max-input`")
-        device = self._embeds.tensor(embeds.shape, self.dims.dtype)
-        device.copy_from(embeds, self.stream)
-        return device
-
     def close(self) -> None:
         self.kv.free()
         for buffer in (self._logits, self._embeds, self._ids):
             buffer.free()
+
+
+def device_decode_loop(directory: str | Path, runners: dict, facts, decoder: str = "decoder") -> DecodeLoop:
+    """The one decode loop (generate.DecodeLoop) over the VLM's embed/decoder TrtRunners, with its
+    tensors on the GPU and the greedy engine `vlmdeploy build` made."""
+    greedy = TrtRunner.from_artifact(directory, greedy_spec(facts.dims), stream=runners[decoder].stream)
+    limits = load_engines(directory).limits
+    return DecodeLoop(runners["embed"], runners[decoder], facts, DeviceMemory(greedy, facts.dims, limits))

@@ -23,10 +23,17 @@ from ..manifest import ArtifactError, read_manifest, sha256_file
 from .profiles import Limits, Profile
 
 ENGINES_DIR = "engines"
-# The graphs the runtime runs (runtime/vlm.py: vision -> projector, embed, decoder), plus the on-GPU argmax.
-ENGINE_GRAPHS = ("vision", "projector", "embed", "decoder")
+# The portable decoder: the one TensorRT runs (decoder_gqa uses ONNX Runtime's contrib ops).
+ENGINE_DECODER = "decoder"
 GREEDY = "greedy"
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def engine_graphs(model_facts) -> tuple[str, ...]:
+    """The graphs the TensorRT runtime runs, from the manifest's pipeline: the media chain(s), the
+    token embedding and the portable decoder (plus the on-GPU argmax, GREEDY, built beside them)."""
+    p = model_facts.pipeline
+    return (*p["image"], p["embed"], ENGINE_DECODER)
 
 
 class EngineMismatch(ArtifactError):
