@@ -23,6 +23,21 @@ VARIANTS = {
 }
 
 
+# One tiny model per family x text backbone x vision tower the README's "Supported models" table lists
+# (the structures of llava-1.5, llava-v1.6-vicuna/-mistral, llava-interleave-qwen; Gemma, Phi-3, DINOv2).
+FAMILY_VARIANTS = {
+    "llava-mistral-clip": TinyConfig(seed=11, image_size=28, text_model="mistral", sliding_window=6),
+    "llava-qwen2-siglip": TinyConfig(seed=12, image_size=28, text_model="qwen2", vision_model="siglip",
+                                     vision_feature_layer=-1, vision_feature_select_strategy="full"),
+    "llava-gemma-clip": TinyConfig(seed=13, image_size=28, text_model="gemma"),
+    "llava-phi3-dinov2": TinyConfig(seed=14, image_size=28, text_model="phi3", vision_model="dinov2"),
+    "llava_next-llama-clip": TinyConfig(seed=15, image_size=28, family="llava_next"),
+    "llava_next-mistral-clip": TinyConfig(seed=16, image_size=28, family="llava_next", text_model="mistral"),
+    "llava-llama-clip-hd20": TinyConfig(seed=17, image_size=28, text_hidden=80, text_heads=4, text_kv_heads=2),
+}
+VARIANTS.update(FAMILY_VARIANTS)
+
+
 @dataclasses.dataclass
 class Exported:
     name: str
