@@ -1,19 +1,29 @@
-"""`vlmdeploy plan`: the memory a LLaVA-style model needs for a given context, batch and image count.
+"""`vlmdeploy plan`: the memory a LLaVA-style model needs for a given context, batch and image count,
+and the visual tokens each image becomes.
 
     plan_model("llava", "fp16", Workload(context=2048))   # a recipe (sizes from configs/*.yaml) or HF dir
+    plan_model("llava-next", workload=Workload(image_sizes=((1344, 1344),)))
     plan_artifact("artifacts/shapes", Workload(256, 4))  # an exported directory: file sizes + manifest
 
-Rows: LLM weights, vision encoder, projector, KV cache, activations (estimate), total.
+Rows: LLM weights, vision encoder, projector, KV cache, activations (estimate), total; then the
+visual tokens per image size.
 
-- Weights: for a recipe or checkpoint, parameter counts from the architecture (Llama + CLIP up to
-  the vision feature layer, which is all the export keeps + 2-layer MLP projector) times the dtype's
-  bytes; for an exported artifact, the sizes of the graph files the runtime loads (exact).
-- KV cache: K and V of every layer for context x batch tokens (2 x layers x kv_heads x head_dim x
-  dtype bytes per token), exact. The runtime's portable `decoder` keeps TWO such buffers (ping-pong,
-  runtime/kv_cache.py), `decoder_gqa` one; the second buffer is its own row.
+- Families: LLaVA-1.5 (`LlavaForConditionalGeneration`: every image -> one fixed-size tile -> a
+  fixed token count) and LLaVA-NeXT (`LlavaNextForConditionalGeneration`, "anyres": a base tile
+  plus a grid of tiles chosen from `image_grid_pinpoints` by the image's size; the feature grid is
+  unpadded back to the image's aspect with one newline token per row: runtime/anyres.py, as HF's
+  processor counts). Text backbones Llama, Mistral, Qwen2, Gemma, Phi-3; towers CLIP, SigLIP, DINOv2.
+- Weights: for a recipe or checkpoint, parameter counts from the architecture (the text model; the
+  vision tower up to the vision feature layer, which is all the export keeps; the 2-layer MLP
+  projector, + `image_newline` for LLaVA-NeXT) times the dtype's bytes; for an exported artifact,
+  the sizes of the graph files the runtime loads (exact).
+- KV cache: K and V of every layer for context x batch tokens (sum over layers of 2 x kv_heads x
+  head_dim x dtype bytes per token), exact. The runtime's portable `decoder` keeps TWO such buffers
+  (ping-pong, runtime/kv_cache.py), `decoder_gqa` one; the second buffer is its own row. A
+  sliding-window layer still keeps the whole context in this runtime's cache.
 - Activations: an estimate of the prefill peak over the whole context: one decoder layer's
   intermediates (attention scores B x heads x S x S included) plus the logits [B, S, V]; or the
-  vision tower over every image, whichever is larger.
+  vision tower over every tile of every image, whichever is larger.
 
 Never imports torch: it runs in a runtime-only install.
 """
@@ -21,12 +31,15 @@ Never imports torch: it runs in a runtime-only install.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from vlmdeploy.runtime.manifest import load_manifest
+from vlmdeploy.runtime import anyres
+from vlmdeploy.runtime.manifest import KVLayer, load_manifest
 
 from .recipes import Architecture, RecipeError, find_weights, load_recipe
 
@@ -34,13 +47,19 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float16"}  # KV / activations
 PORTABLE, SHARED = "decoder", "decoder_gqa"
 GB = 1e9
+DEFAULT_CONTEXT = 2048
+TEXT_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi3": "Phi-3"}
+VISION_NAMES = {"clip": "CLIP ViT", "siglip": "SigLIP ViT", "dinov2": "DINOv2 ViT"}
+
+Size = tuple[int, int]  # (height, width)
 
 
 @dataclass(frozen=True)
 class Workload:
-    context: int | None = None  # tokens per sequence in the KV cache (prompt + images + generated); None: min(2048, model's)
+    context: int | None = None  # tokens per sequence in the KV cache (prompt + images + generated); None: see _fill_context
     batch: int = 1
     images: int = 1  # per sequence
+    image_sizes: tuple[Size, ...] = ()  # (h, w) of the images to count visual tokens for; (): a typical image
 
     def __post_init__(self):
         for name in ("batch", "images"):
@@ -48,6 +67,26 @@ class Workload:
                 raise ValueError(f"--{name} must be >= {1 if name == 'batch' else 0}, got {getattr(self, name)}")
         if self.context is not None and self.context < 1:
             raise ValueError(f"--context must be >= 1, got {self.context}")
+        sizes = tuple(tuple(s) for s in self.image_sizes)
+        for s in sizes:
+            if len(s) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in s):
+                raise ValueError(f"--image-size must be HEIGHTxWIDTH in pixels (positive integers), got {s!r}")
+        object.__setattr__(self, "image_sizes", sizes)
+
+
+def parse_image_sizes(values) -> tuple[Size, ...]:
+    """`--image-size` values -> ((h, w), ...): each value "HxW" (or "N" for NxN), several separated
+    by commas or spaces."""
+    sizes = []
+    for value in values or ():
+        for item in re.split(r"[,\s]+", str(value).strip()):
+            if not item:
+                continue
+            m = re.fullmatch(r"(\d+)(?:[xX](\d+))?", item)
+            if not m or int(m[1]) < 1 or int(m[2] or m[1]) < 1:
+                raise ValueError(f"--image-size {item!r}: expected HEIGHTxWIDTH in pixels, e.g. 1344x1344 or 672x336")
+            sizes.append((int(m[1]), int(m[2] or m[1])))
+    return tuple(sizes)
 
 
 @dataclass(frozen=True)
@@ -59,6 +98,38 @@ class Line:
 
 
 @dataclass(frozen=True)
+class ImageTokens:
+    """The visual tokens of one image: `tiles` vision rows (LLaVA: 1; LLaVA-NeXT: the base image +
+    a `grid` of rows x cols tiles) of `tokens_per_tile` features, i.e. `before_unpadding` features
+    out of the projector, which become `tokens` <image> tokens in the prompt (LLaVA-NeXT: the base
+    tile + the tile grid unpadded to the image's aspect + `newlines`, one per feature row)."""
+
+    size: Size | None  # (h, w) of the image; None: a typical image (`typical` says which)
+    tiles: int
+    tokens_per_tile: int
+    tokens: int
+    grid: Size | None = None
+    resolution: Size | None = None  # the pinpoint (h, w) the image is fitted into
+    newlines: int = 0
+    typical: str = ""
+
+    @property
+    def before_unpadding(self) -> int:
+        return self.tiles * self.tokens_per_tile
+
+    def label(self) -> str:
+        size = f"{self.size[0]}x{self.size[1]}" if self.size else ""
+        return f"{self.typical} ({size})" if self.typical and size else self.typical or size
+
+    def to_dict(self) -> dict:
+        return {"image_size": list(self.size) if self.size else None, "typical": self.typical or None,
+                "tiles": self.tiles, "grid": list(self.grid) if self.grid else None,
+                "resolution": list(self.resolution) if self.resolution else None,
+                "tokens_per_tile": self.tokens_per_tile, "before_unpadding": self.before_unpadding,
+                "newlines": self.newlines, "tokens": self.tokens}
+
+
+@dataclass(frozen=True)
 class Plan:
     source: str
     dtype: str
@@ -67,6 +138,9 @@ class Plan:
     images: int
     lines: tuple[Line, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    family: str = "llava"
+    visual: tuple[ImageTokens, ...] = field(default_factory=tuple)
+    visual_rule: str = ""
 
     @property
     def total(self) -> int:
@@ -75,11 +149,16 @@ class Plan:
     def get(self, component: str) -> Line:
         return next(line for line in self.lines if line.component == component)
 
+    def tokens(self, size: Size | None = None) -> ImageTokens:
+        """The visual-token row of an image size (None: the first row)."""
+        return next(v for v in self.visual if size is None or v.size == tuple(size))
+
     def to_dict(self) -> dict:
         return {
-            "source": self.source, "dtype": self.dtype, "context": self.context, "batch": self.batch,
-            "images": self.images, "total_bytes": self.total, "notes": list(self.notes),
+            "source": self.source, "family": self.family, "dtype": self.dtype, "context": self.context,
+            "batch": self.batch, "images": self.images, "total_bytes": self.total, "notes": list(self.notes),
             "lines": [{"component": x.component, "bytes": x.nbytes, "params": x.params, "detail": x.detail} for x in self.lines],
+            "visual_tokens": [v.to_dict() for v in self.visual],
         }
 
     def table(self) -> str:
@@ -93,7 +172,24 @@ class Plan:
                  f"{self.images} image(s) per sequence")
         rule = "-" * len(head)
         return "\n".join([title, "", head, rule, *rows, rule, f"{'total':<{w}}  {'':>9}  {_size(self.total):>10}",
+                          *self._visual_table(),
                           *([""] + [f"note: {n}" for n in self.notes] if self.notes else [])])
+
+    def _visual_table(self) -> list[str]:
+        if not self.visual:
+            return []
+        cells = [("image (HxW)", "tiles", "before unpadding", "<image> tokens")]
+        for v in self.visual:
+            tiles = f"1+{v.grid[0]}x{v.grid[1]} ({v.resolution[0]}x{v.resolution[1]})" if v.grid else "1"
+            before = f"{v.tiles} x {v.tokens_per_tile:,} = {v.before_unpadding:,}"
+            after = f"{v.tokens:,}"
+            if v.grid:
+                grid = v.tokens - v.tokens_per_tile - v.newlines
+                after += f" = {v.tokens_per_tile:,} base + {grid:,} grid + {v.newlines} newlines"
+            cells.append((v.label(), tiles, before, after))
+        widths = [max(len(c[i]) for c in cells) for i in range(3)]
+        body = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in cells]
+        return ["", f"visual tokens per image ({self.visual_rule}):", body[0], "-" * len(body[0]), *body[1:]]
 
 
 def _size(n: int) -> str:
@@ -107,15 +203,26 @@ def _params(n: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter counts (Hugging Face Llama / CLIPVisionModel / LlavaMultiModalProjector layouts)
+# Parameter counts (Hugging Face layouts: Llama/Mistral/Qwen2/Gemma/Phi-3 text models,
+# CLIPVisionModel/SiglipVisionModel/Dinov2Model towers, LlavaMultiModalProjector)
 
 
-def llama_params(a: Architecture) -> int:
-    h, hd = a.text_hidden, a.text_hidden // a.text_heads
-    attn = h * a.text_heads * hd * 2 + h * a.text_kv_heads * hd * 2  # q, o + k, v (no biases)
-    layer = attn + 3 * h * a.text_intermediate + 2 * h  # gate, up, down + 2 RMSNorms
+def text_params(a: Architecture) -> int:
+    """Embeddings, decoder layers, final norm and lm_head (unless tied to the embeddings).
+
+    Per layer: q, k, v, o projections (head_dim from the config; Qwen2 adds q/k/v biases; Phi-3
+    fuses qkv and gate/up, same counts), gate/up/down MLP, two RMSNorms."""
+    h, hd = a.text_hidden, a.text_head_dim
+    q, kv = a.text_heads * hd, a.text_kv_heads * hd
+    attn = 2 * h * q + 2 * h * kv  # q, o + k, v
+    if a.text_model == "qwen2":
+        attn += q + 2 * kv
+    layer = attn + 3 * h * a.text_intermediate + 2 * h
     head = 0 if a.tie_word_embeddings else a.vocab_size * h
     return a.vocab_size * h + a.text_layers * layer + h + head
+
+
+llama_params = text_params  # the LLaVA-1.5 name
 
 
 def vision_layers_kept(a: Architecture) -> int:
@@ -124,22 +231,120 @@ def vision_layers_kept(a: Architecture) -> int:
     return max(i if i >= 0 else a.vision_layers + 1 + i for i in layers)
 
 
-def clip_vision_params(a: Architecture) -> int:
-    c, patches = a.vision_hidden, (a.image_size // a.patch_size) ** 2
-    embeddings = c + 3 * a.patch_size**2 * c + (patches + 1) * c  # CLS, patch conv, positions
-    layer = 4 * (c * c + c) + 2 * (c * a.vision_intermediate) + a.vision_intermediate + c + 4 * c
-    return embeddings + 2 * c + vision_layers_kept(a) * layer  # + pre_layrnorm; post_layernorm unused
+def vision_params(a: Architecture) -> int:
+    """The tower up to the deepest feature layer, which is what the export keeps: embeddings
+    (CLIP: CLS, bias-free patch conv, positions incl. CLS, pre-layernorm; SigLIP: patch conv with
+    bias, positions, no CLS; DINOv2: CLS (+ registers), patch conv with bias, positions incl. CLS)
+    and the kept layers (q, k, v, o and the MLP with biases, two LayerNorms; DINOv2 adds two layer
+    scales). Not counted, as the export drops them: post-layernorm / DINOv2's final layernorm,
+    SigLIP's pooling head, DINOv2's mask token (pre-training only), layers past the feature layer."""
+    c, i, p = a.vision_hidden, a.vision_intermediate, a.patch_size
+    patches = (a.image_size // p) ** 2
+    conv = 3 * p * p * c
+    layer = 4 * (c * c + c) + 2 * (c * i) + i + c + 4 * c
+    if a.vision_model == "clip":
+        embeddings = c + conv + (patches + 1) * c + 2 * c  # + pre_layrnorm
+    elif a.vision_model == "siglip":
+        embeddings = conv + c + patches * c
+    else:  # dinov2
+        embeddings = c + a.vision_registers * c + conv + c + (patches + 1) * c
+        layer += 2 * c
+    return embeddings + vision_layers_kept(a) * layer
+
+
+clip_vision_params = vision_params  # the LLaVA-1.5 name
 
 
 def projector_params(a: Architecture) -> int:
+    """linear_1 (features of every feature layer -> text hidden), linear_2; LLaVA-NeXT's
+    `image_newline` vector [text hidden] is counted here too."""
     n_features = len(a.vision_feature_layer) if isinstance(a.vision_feature_layer, list) else 1
-    c_in = a.vision_hidden * n_features
-    return c_in * a.text_hidden + a.text_hidden + a.text_hidden * a.text_hidden + a.text_hidden
+    c_in, h = a.vision_hidden * n_features, a.text_hidden
+    bias = 2 * h if a.projector_bias else 0
+    return c_in * h + h * h + bias + (h if a.family == "llava_next" else 0)
+
+
+def tower_tokens(a: Architecture) -> int:
+    """Sequence length through the vision tower per tile: patches + CLS (CLIP, DINOv2) + registers."""
+    patches = (a.image_size // a.patch_size) ** 2
+    return patches + {"clip": 1, "siglip": 0, "dinov2": 1 + a.vision_registers}[a.vision_model]
 
 
 def vision_tokens(a: Architecture) -> int:
-    patches = (a.image_size // a.patch_size) ** 2
-    return patches if a.vision_feature_select_strategy == "default" else patches + 1
+    """Feature tokens per tile: HF's "default" strategy drops the tower's first token (CLS)."""
+    return tower_tokens(a) - (1 if a.vision_feature_select_strategy == "default" else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Visual tokens per image
+
+
+def anyres_params(a: Architecture) -> anyres.AnyresParams:
+    """LLaVA-NeXT's anyres parameters from the sizes alone (the llava-hf processors: tiles of the
+    tower's image size, resized by the shortest edge and center-cropped)."""
+    s = a.image_size
+    return anyres.AnyresParams(
+        grid_pinpoints=a.grid_pinpoints or anyres.LLAVA_V16_PINPOINTS, crop_size=(s, s), shortest_edge=s,
+        patch_size=a.patch_size, vision_feature_select_strategy=a.vision_feature_select_strategy,
+        vision_feature_layer=a.vision_feature_layer,
+    )
+
+
+def anyres_tokens(size: Size, p: anyres.AnyresParams, typical: str = "") -> ImageTokens:
+    """One image of (h, w) pixels, as LlavaNextProcessor counts it."""
+    size = (int(size[0]), int(size[1]))
+    best = anyres.select_best_resolution(size, p.grid_pinpoints)
+    grid = anyres.grid_shape(size, p)
+    th, tw = p.tile_hw
+    features = ((th // p.patch_size) * (best[0] // th), (tw // p.patch_size) * (best[1] // tw))
+    (top, bottom), _ = anyres.unpad_bounds(size, features)
+    return ImageTokens(size, anyres.num_tiles(size, p), p.tokens_per_tile,
+                       anyres.num_image_tokens(size, p), grid, best, bottom - top, typical)
+
+
+def anyres_rule(p: anyres.AnyresParams) -> str:
+    th, tw = p.tile_hw
+    pins = ", ".join(f"{h}x{w}" for h, w in p.grid_pinpoints)
+    return (f"LLaVA-NeXT anyres: {th}x{tw} tiles of {p.tokens_per_tile:,} tokens, a base tile + the best grid of "
+            f"{pins}; the grid unpadded to the image's aspect, + 1 newline per row")
+
+
+def _visual(family: str, sizes: tuple[Size, ...], fixed: int, fixed_size: Size,
+            p: anyres.AnyresParams | None) -> tuple[tuple[ImageTokens, ...], str]:
+    """The rows for the requested sizes; with none, LLaVA-NeXT's typical image (a tile-size square,
+    as the export records `typical_tokens`) and its largest one (a pinpoint-size image: no unpadding)."""
+    if family == "llava_next":
+        if sizes:
+            rows = tuple(anyres_tokens(s, p) for s in sizes)
+        else:
+            largest = max(p.grid_pinpoints, key=lambda s: anyres.num_image_tokens(s, p))
+            rows = (anyres_tokens((p.tile_side, p.tile_side), p, "typical"), anyres_tokens(largest, p, "largest"))
+        return rows, anyres_rule(p)
+    h, w = fixed_size
+    rule = f"LLaVA: every image is resized to {h}x{w}, one tile of {fixed:,} tokens whatever its size"
+    if sizes:
+        return tuple(ImageTokens(s, 1, fixed, fixed) for s in sizes), rule
+    return (ImageTokens(None, 1, fixed, fixed, typical="any size"),), rule
+
+
+def _budget(visual: tuple[ImageTokens, ...], sizes: tuple[Size, ...]) -> ImageTokens:
+    """The image the context and activations are sized for: the largest requested, else the typical."""
+    return max(visual, key=lambda v: v.tokens) if sizes else visual[0]
+
+
+def _visual_notes(visual: tuple[ImageTokens, ...], budget: ImageTokens, w: "Workload") -> list[str]:
+    notes = [f"{w.images} image(s) x {budget.tokens:,} visual tokens per sequence are part of the context"
+             + (f" (the largest given size, {budget.label()})" if len(w.image_sizes) > 1
+                else f" (a {budget.size[0]}x{budget.size[1]} image)" if budget.grid else "")]
+    big = max((v for v in visual if v.grid), key=lambda v: v.tokens, default=None)
+    if big is not None:
+        notes.append(
+            f"LLaVA-NeXT at {big.size[0]}x{big.size[1]}: {big.tiles} tiles x {big.tokens_per_tile:,} = {big.before_unpadding:,} "
+            f"visual tokens before unpadding (the count usually quoted); HF's processor and this runtime put "
+            f"{big.tokens:,} <image> tokens in the prompt (after unpadding, incl. {big.newlines} newline tokens)")
+        if not w.image_sizes:
+            notes.append("pass --image-size HxW (repeatable) for the tokens of your images' sizes")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +356,11 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str
     return 2 * num_layers * kv_heads * head_dim * np.dtype(dtype).itemsize
 
 
+def kv_layers_bytes_per_token(layers, dtype: str) -> int:
+    """K and V for one token of one sequence, summed over per-layer layouts (manifest kv_layers)."""
+    return sum(2 * x.kv_heads * x.head_dim for x in layers) * np.dtype(dtype).itemsize
+
+
 def runtime_kv_bytes(decoder: str, num_layers: int, kv_heads: int, head_dim: int, tokens: int, batch: int, dtype: str) -> int:
     """What the runtime's cache for `decoder` allocates: its own class, sized at one token and one
     sequence (a few bytes), scaled; every layout is proportional to batch x capacity."""
@@ -160,17 +370,42 @@ def runtime_kv_bytes(decoder: str, num_layers: int, kv_heads: int, head_dim: int
     return one * tokens * batch
 
 
-def _kv_lines(decoder: str, layers: int, kv_heads: int, head_dim: int, w: Workload, dtype: str) -> list[Line]:
-    per_token = kv_bytes_per_token(layers, kv_heads, head_dim, dtype)
+def arch_kv_layers(a: Architecture) -> tuple[KVLayer, ...]:
+    """Per-layer cache layout, as the export writes it (export/components.kv_layers); the sliding
+    layers are the last `sliding_window_layers` (Qwen2's max_window_layers)."""
+    n, window = a.text_layers, a.sliding_window
+    first = n - (a.sliding_window_layers if a.sliding_window_layers is not None else n)
+    return tuple(KVLayer(a.text_kv_heads, a.text_head_dim, window if window and i >= first else None) for i in range(n))
+
+
+def _kv_lines(decoder: str, layers: tuple[KVLayer, ...], w: Workload, dtype: str) -> list[Line]:
+    per_token = kv_layers_bytes_per_token(layers, dtype)
     kv = per_token * w.context * w.batch
-    allocated = runtime_kv_bytes(decoder, layers, kv_heads, head_dim, w.context, w.batch, dtype)
-    detail = (f"{per_token:,} B/token = K+V x {layers} layers x {kv_heads} heads x {head_dim} x "
-              f"{np.dtype(dtype).itemsize} B; {w.context} tokens x batch {w.batch}")
+    first = layers[0]  # the runtime's caches are uniform: ModelDims' kv_heads x head_dim for every layer
+    allocated = runtime_kv_bytes(decoder, len(layers), first.kv_heads, first.head_dim, w.context, w.batch, dtype)
+    shapes = sorted({(x.kv_heads, x.head_dim) for x in layers})
+    if len(shapes) == 1:
+        what = f"{len(layers)} layers x {shapes[0][0]} heads x {shapes[0][1]}"
+    else:
+        what = f"{len(layers)} layers ({', '.join(f'{h}x{d}' for h, d in shapes)} heads x dim)"
+    detail = f"{per_token:,} B/token = K+V x {what} x {np.dtype(dtype).itemsize} B; {w.context} tokens x batch {w.batch}"
     lines = [Line("KV cache", kv, None, detail)]
     if allocated > kv:
         lines.append(Line("KV cache, runtime's 2nd buffer", allocated - kv, None,
                           f"the `{decoder}` graph runs with {allocated / kv:.0f} ping-pong buffers (runtime/kv_cache.py)"))
     return lines
+
+
+def _window_note(layers: tuple[KVLayer, ...], w: Workload, dtype: str) -> list[str]:
+    windowed = [x for x in layers if x.window]
+    if not windowed:
+        return []
+    windows = sorted({x.window for x in windowed})
+    saved = sum(2 * x.kv_heads * x.head_dim * max(0, w.context - x.window) for x in windowed)
+    saved *= np.dtype(dtype).itemsize * w.batch
+    return [f"sliding-window attention (window {', '.join(map(str, windows))}) on {len(windowed)} of {len(layers)} "
+            f"layers: this runtime's KV cache still stores the whole context for them (counted above); a "
+            f"windowed cache would hold {_size(saved)} less" + (" per buffer" if saved else "")]
 
 
 def _decoder_activations(batch: int, seq: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
@@ -183,109 +418,181 @@ def _decoder_activations(batch: int, seq: int, hidden: int, heads: int, kv_heads
     return stream + max(attention, mlp) + batch * logits_rows * vocab
 
 
-def _vision_activations(num_images: int, tokens: int, hidden: int, heads: int, intermediate: int) -> int:
-    return num_images * (heads * tokens * tokens + tokens * (4 * hidden + intermediate))
+def _vision_activations(num_rows: int, tokens: int, hidden: int, heads: int, intermediate: int) -> int:
+    """The tower over `num_rows` tiles of `tokens` each: one layer's attention scores + MLP."""
+    return num_rows * (heads * tokens * tokens + tokens * (4 * hidden + intermediate))
 
 
 # ---------------------------------------------------------------------------------------------
 # Plans
 
 
+@dataclass(frozen=True)
+class _Model:
+    arch: Architecture
+    source: str
+    dtype: str
+    anyres: anyres.AnyresParams | None = None  # LLaVA-NeXT
+
+
 def resolve_architecture(model: str) -> tuple[Architecture, str, str]:
     """(architecture, description, default dtype) for `--model NAME_OR_DIR` without loading weights."""
+    m = _resolve(model)
+    return m.arch, m.source, m.dtype
+
+
+def _resolve(model: str) -> _Model:
     path = Path(model).expanduser()
     if path.is_dir():
-        return _read_config(path), f"{path} (checkpoint config.json)", "fp32"
+        return _from_checkpoint(path, f"{path} (checkpoint config.json)", "fp32")
     if "/" in model or model.startswith("."):
         raise RecipeError(f"--model {model}: no such directory")
     recipe = load_recipe(model)
     if recipe.architecture is not None:
-        return recipe.architecture, f"{model} (recipe; sizes from configs/{model}.yaml)", recipe.dtype
+        arch = recipe.architecture
+        if recipe.family != arch.family:
+            raise RecipeError(f"configs/{model}.yaml: family {recipe.family!r} but architecture.family {arch.family!r}")
+        return _Model(arch, f"{model} (recipe; sizes from configs/{model}.yaml)", recipe.dtype, _anyres_or_none(arch))
     if recipe.random_init is not None:
-        return Architecture.from_tiny(recipe.random_init), f"{model} (recipe; random_init sizes)", recipe.dtype
+        arch = Architecture.from_tiny(recipe.random_init)
+        return _Model(arch, f"{model} (recipe; random_init sizes)", recipe.dtype, _anyres_or_none(arch))
     ckpt = find_weights(recipe)
-    return _read_config(ckpt), f"{model} (recipe; {ckpt}/config.json)", recipe.dtype
+    return _from_checkpoint(ckpt, f"{model} (recipe; {ckpt}/config.json)", recipe.dtype)
 
 
-def _read_config(checkpoint: Path) -> Architecture:
-    path = checkpoint / "config.json"
+def _anyres_or_none(a: Architecture) -> anyres.AnyresParams | None:
+    return anyres_params(a) if a.family == "llava_next" else None
+
+
+def _read_json(path: Path) -> dict | None:
     if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid JSON ({e})") from None
+
+
+def _from_checkpoint(checkpoint: Path, source: str, dtype: str) -> _Model:
+    config = _read_json(checkpoint / "config.json")
+    if config is None:
         raise RecipeError(f"{checkpoint}: no config.json; not a Hugging Face checkpoint directory")
     try:
-        return Architecture.from_hf_config(json.loads(path.read_text()))
+        arch = Architecture.from_hf_config(config)
     except KeyError as e:
-        raise RecipeError(f"{path}: not a LLaVA config (no {e.args[0]!r} in text_config/vision_config)") from None
+        raise RecipeError(f"{checkpoint}/config.json: not a LLaVA config (no {e.args[0]!r} in text_config/vision_config)") from None
+    if arch.family != "llava_next":
+        return _Model(arch, source, dtype)
+    # the image processor's crop/size and the processor's patch size, as the export reads them
+    image_processor = _read_json(checkpoint / "preprocessor_config.json")
+    processor = _read_json(checkpoint / "processor_config.json")
+    if image_processor is None and not (processor or {}).get("image_processor"):
+        return _Model(arch, source, dtype, anyres_params(arch))  # no processor files: the llava-hf layout
+    try:
+        params = anyres.AnyresParams.from_hf(image_processor, processor, config)
+    except ValueError as e:
+        raise RecipeError(f"{checkpoint}: {e}") from None
+    return _Model(arch, source, dtype, params)
 
 
 def plan_model(model: str, dtype: str | None = None, workload: Workload = Workload(), decoder: str = PORTABLE) -> Plan:
     """From a recipe or checkpoint directory. `decoder`: the graph whose KV layout to count
     (`decoder`, exported for every dtype, or `decoder_gqa`)."""
-    arch, source, default_dtype = resolve_architecture(model)
-    dtype = dtype or default_dtype
+    m = _resolve(model)
+    arch = m.arch
+    dtype = dtype or m.dtype
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"--dtype {dtype!r} not one of {sorted(DTYPE_BYTES)}")
-    w = _fill_context(workload, arch.context_length, vision_tokens(arch))
+    visual, rule = _visual(arch.family, workload.image_sizes, vision_tokens(arch), (arch.image_size,) * 2, m.anyres)
+    budget = _budget(visual, workload.image_sizes)
+    w = _fill_context(workload, arch.context_length, budget.tokens)
     nbytes, act = DTYPE_BYTES[dtype], NUMPY_DTYPES[dtype]
-    head_dim = arch.text_hidden // arch.text_heads
-    llm, vis, proj = llama_params(arch), clip_vision_params(arch), projector_params(arch)
+    head_dim = arch.text_head_dim
+    llm, vis, proj = text_params(arch), vision_params(arch), projector_params(arch)
     kept = vision_layers_kept(arch)
+    kv_layers = arch_kv_layers(arch)
     act_elems = max(
         _decoder_activations(w.batch, w.context, arch.text_hidden, arch.text_heads, arch.text_kv_heads, head_dim,
                              arch.text_intermediate, arch.vocab_size, w.context if decoder == PORTABLE else 1),
-        _vision_activations(w.batch * w.images, vision_tokens(arch) + 1, arch.vision_hidden, arch.vision_heads,
-                            arch.vision_intermediate),
+        _vision_activations(w.batch * w.images * budget.tiles, tower_tokens(arch), arch.vision_hidden,
+                            arch.vision_heads, arch.vision_intermediate),
     )
+    text = TEXT_NAMES[arch.text_model]
+    tied = ", lm_head tied to the embeddings" if arch.tie_word_embeddings else ""
+    fused = " (fused qkv, gate_up)" if arch.text_model == "phi3" else ""
+    extras = {"clip": "CLS", "siglip": "no CLS", "dinov2": "CLS" + (f" + {arch.vision_registers} registers"
+                                                                     if arch.vision_registers else "")}[arch.vision_model]
     lines = [
-        Line("LLM weights", llm * nbytes, llm, f"Llama: {arch.text_layers} layers x {arch.text_hidden}, vocab {arch.vocab_size}"),
-        Line("vision encoder", vis * nbytes, vis, f"CLIP ViT: {kept} of {arch.vision_layers} layers x {arch.vision_hidden}"),
-        Line("projector", proj * nbytes, proj, "2-layer MLP"),
-        *_kv_lines(decoder, arch.text_layers, arch.text_kv_heads, head_dim, w, act),
+        Line("LLM weights", llm * nbytes, llm,
+             f"{text}{fused}: {arch.text_layers} layers x {arch.text_hidden}, vocab {arch.vocab_size}{tied}"),
+        Line("vision encoder", vis * nbytes, vis,
+             f"{VISION_NAMES[arch.vision_model]} ({extras}): {kept} of {arch.vision_layers} layers x {arch.vision_hidden}"),
+        Line("projector", proj * nbytes, proj, "2-layer MLP" + (" + image_newline" if arch.family == "llava_next" else "")),
+        *_kv_lines(decoder, kv_layers, w, act),
         Line("activations (estimate)", act_elems * np.dtype(act).itemsize, None, "prefill peak over the whole context"),
     ]
-    notes = [f"{w.images} image(s) x {vision_tokens(arch)} visual tokens per sequence are part of the context"]
+    notes = _visual_notes(visual, budget, w)
+    notes += _window_note(kv_layers, w, act)
     if dtype == "int8":
         notes.append("int8: 1 byte per weight (weight-only; scales and norms not counted), fp16 KV cache and activations")
     if decoder == PORTABLE:
-        notes.append("with `decoder_gqa` (exported for fp32 Llama) the runtime keeps one KV buffer instead of two")
-    return Plan(source, dtype, w.context, w.batch, w.images, tuple(lines), tuple(notes))
+        notes.append("with `decoder_gqa` (ONNX Runtime; exported where it reproduces the text model) the runtime "
+                     "keeps one KV buffer instead of two")
+    return Plan(m.source, dtype, w.context, w.batch, w.images, tuple(lines), tuple(notes), arch.family, visual, rule)
 
 
 def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype: str | None = None) -> Plan:
-    """From an exported directory: the graph files the runtime loads, the manifest's dims."""
-    from vlmdeploy.runtime.vlm import DECODERS
-
+    """From an exported directory: the graph files the runtime loads, the manifest's dims,
+    per-layer KV layouts and the family's token rule."""
     directory = Path(directory)
     m = load_manifest(directory, checksums=False)  # sizes are still checked
-    d, act = m.model.dims, m.model.dims.dtype
+    facts = m.model
+    d, act = facts.dims, facts.dims.dtype
     have = {"float32": "fp32", "float16": "fp16"}[act]
     if dtype is not None and dtype != have:
         raise ValueError(f"{directory} holds {have} graphs; --dtype {dtype} does not apply to an exported directory")
-    decoder = next(g for g in DECODERS if g in m.graphs)
-    w = _fill_context(workload, m.model.context_length, m.model.tokens_per_image)
+    pipeline = facts.pipeline
+    decoder = pipeline["decoders"][0]  # what VLM.load picks on ONNX Runtime (the first the pipeline lists)
+    chain, embed = list(pipeline["image"]), pipeline["embed"]
+    p = anyres.AnyresParams.from_dict(m.preprocess) if facts.family == "llava_next" else None
+    fixed = facts.family_params.get("tokens_per_image", facts.tokens_per_image)
+    visual, rule = _visual(facts.family, workload.image_sizes, fixed, tuple(d.image_size), p)
+    if p is not None and not workload.image_sizes:  # the manifest's typical count, as exported
+        visual = (replace(visual[0], tokens=facts.tokens_per_image), *visual[1:])
+    budget = _budget(visual, workload.image_sizes)
+    w = _fill_context(workload, facts.context_length, budget.tokens)
     size = {g: _graph_bytes(m, g) for g in m.graphs}
+    tensors = {name: m.files[f]["size"] for name, f in facts.tensors.items() if f in m.files}
     heads = d.hidden // d.head_dim
     intermediate = _llama_intermediate(size[PORTABLE] if PORTABLE in size else size[decoder], d, act)
     act_elems = max(
         _decoder_activations(w.batch, w.context, d.hidden, heads, d.kv_heads, d.head_dim, intermediate, d.vocab,
                              w.context if decoder == PORTABLE else 1),
-        _vision_activations(w.batch * w.images, d.vision_tokens + 1, d.vision_hidden, max(1, d.vision_hidden // 64),
-                            4 * d.vision_hidden),
+        _vision_activations(w.batch * w.images * budget.tiles, d.vision_tokens + 1, d.vision_hidden,
+                            max(1, d.vision_hidden // 64), 4 * d.vision_hidden),
     )
+    kv_layers = tuple(facts.kv_layers)
+    vision_graphs, projector = chain[:-1] or chain, chain[-1:] if len(chain) > 1 else []
     lines = [
-        Line("LLM weights", size["embed"] + size[decoder], None, f"embed.onnx + {decoder}.onnx (files)"),
-        Line("vision encoder", size["vision"], None, "vision.onnx (files)"),
-        Line("projector", size["projector"], None, "projector.onnx (files)"),
-        *_kv_lines(decoder, d.num_layers, d.kv_heads, d.head_dim, w, act),
+        Line("LLM weights", size[embed] + size[decoder], None, f"{embed}.onnx + {decoder}.onnx (files)"),
+        Line("vision encoder", sum(size[g] for g in vision_graphs), None,
+             " + ".join(f"{g}.onnx" for g in vision_graphs) + " (files)"),
+        Line("projector", sum(size[g] for g in projector) + sum(tensors.values()), None,
+             " + ".join([f"{g}.onnx" for g in projector] + [facts.tensors[t] for t in tensors]) + " (files)"),
+        *_kv_lines(decoder, kv_layers, w, act),
         Line("activations (estimate)", act_elems * np.dtype(act).itemsize, None, "prefill peak over the whole context"),
     ]
-    unused = sorted(g for g in m.graphs if g not in ("vision", "projector", "embed", decoder))
-    notes = [f"{w.images} image(s) x {m.model.tokens_per_image} visual tokens per sequence are part of the context"]
+    loaded = set(chain) | {embed, decoder}
+    unused = sorted(g for g in m.graphs if g not in loaded)
+    notes = _visual_notes(visual, budget, w)
+    notes += _window_note(kv_layers, w, act)
     if unused:
         notes.append(f"also on disk, not loaded for generation: {', '.join(unused)} ({_size(sum(size[g] for g in unused))})")
     quantization = (m.source or {}).get("quantization")
     if isinstance(quantization, dict):
         notes.append(f"decoder_gqa weights quantized to {quantization.get('scheme')} at export (the file sizes above)")
-    return Plan(f"{directory} (exported, runtime uses `{decoder}`)", have, w.context, w.batch, w.images, tuple(lines), tuple(notes))
+    return Plan(f"{directory} (exported {facts.family}, runtime uses `{decoder}`)", have, w.context, w.batch, w.images,
+                tuple(lines), tuple(notes), facts.family, visual, rule)
 
 
 def _graph_bytes(manifest, graph: str) -> int:
@@ -301,8 +608,15 @@ def _llama_intermediate(decoder_bytes: int, d, dtype: str) -> int:
     return max(d.hidden, int(per_layer / (3 * d.hidden)))
 
 
+def default_context(context_length: int, visual_tokens: int) -> int:
+    """2048, or the visual tokens + 1024 for text rounded up to a multiple of 1024 when that is
+    more (LLaVA-NeXT: up to ~2,900 tokens per image); never more than the model's."""
+    wanted = max(DEFAULT_CONTEXT, math.ceil((visual_tokens + 1024) / 1024) * 1024)
+    return min(wanted, context_length)
+
+
 def _fill_context(w: Workload, context_length: int, tokens_per_image: int) -> Workload:
-    context = w.context if w.context is not None else min(2048, context_length)
+    context = w.context if w.context is not None else default_context(context_length, w.images * tokens_per_image)
     if context > context_length:
         raise ValueError(f"--context {context} exceeds the model's context length {context_length}")
     if w.images * tokens_per_image >= context:
@@ -310,4 +624,4 @@ def _fill_context(w: Workload, context_length: int, tokens_per_image: int) -> Wo
             f"{w.images} image(s) x {tokens_per_image} visual tokens = {w.images * tokens_per_image} tokens do not "
             f"fit in a context of {context} with room for text; raise --context or lower --images"
         )
-    return Workload(context, w.batch, w.images)
+    return Workload(context, w.batch, w.images, w.image_sizes)

@@ -148,6 +148,10 @@ def _add_model_tools(sub) -> None:
     pl.add_argument("--context", type=int, help="tokens per sequence (visual tokens included); default min(2048, model's)")
     pl.add_argument("--images", type=int, default=1, help="images per sequence")
     pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--image-size", action="append", default=[], metavar="HxW",
+                    help="an image's height x width in pixels (repeatable, or a comma-separated list): the table "
+                         "shows its visual tokens (LLaVA-NeXT: tiles and tokens before/after unpadding); the "
+                         "largest sizes the context")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
 
@@ -168,11 +172,11 @@ def _eval(args) -> int:
 
 
 def _plan(args) -> int:
-    from vlmdeploy.export.plan import Workload, plan_artifact, plan_model
+    from vlmdeploy.export.plan import Workload, parse_image_sizes, plan_artifact, plan_model
 
     if (args.dir is None) == (args.model is None):
         raise ValueError("give an exported DIR or --model NAME_OR_DIR (exactly one)")
-    workload = Workload(args.context, args.batch, args.images)
+    workload = Workload(args.context, args.batch, args.images, parse_image_sizes(args.image_size))
     plan = plan_model(args.model, args.dtype, workload) if args.model else plan_artifact(args.dir, workload, args.dtype)
     print(json.dumps(plan.to_dict()) if args.json else plan.table())
     return 0

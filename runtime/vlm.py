@@ -27,6 +27,7 @@ from .text import (
     IncrementalDetokenizer,
     TextProcessor,
     chat_prompt_adds_special_tokens,
+    expand_placeholders,
     render_chat_template,
 )
 
@@ -252,6 +253,8 @@ class VLM:
                 yield deltas[0]
 
     def _prepare(self, requests: list[_Request]) -> tuple[Batch, list[int], float]:
+        for r in requests:  # cheap checks before any image is read
+            self._check_placeholders(r)
         items = [[self.family.prepare(load_image(i)) for i in r.images] for r in requests]  # [row][image]
         ids = [self._tokenize(r, row) for r, row in zip(requests, items)]  # cheap checks before the vision graphs
         t0 = time.perf_counter()
@@ -266,9 +269,15 @@ class VLM:
         spec = self.manifest.graphs[name]
         return self.runners[name].run({spec.input_names[0]: x})[spec.output_names[0]]
 
-    def _tokenize(self, request: _Request, items: list[MediaItem]) -> np.ndarray:
+    def _check_placeholders(self, request: _Request) -> None:
         if not isinstance(request.prompt, str):
             raise PromptError(f"prompt must be a str, got {type(request.prompt).__name__}")
+        try:
+            expand_placeholders(request.prompt, self.facts.image_token, [1] * len(request.images))
+        except ValueError as e:
+            raise PromptError(str(e)) from None
+
+    def _tokenize(self, request: _Request, items: list[MediaItem]) -> np.ndarray:
         f = self.facts
         try:
             text = self.family.expand_prompt(request.prompt, items)

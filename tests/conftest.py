@@ -35,7 +35,6 @@ FAMILY_VARIANTS = {
     "llava_next-mistral-clip": TinyConfig(seed=16, image_size=28, family="llava_next", text_model="mistral"),
     "llava-llama-clip-hd20": TinyConfig(seed=17, image_size=28, text_hidden=80, text_heads=4, text_kv_heads=2),
 }
-VARIANTS.update(FAMILY_VARIANTS)
 
 
 @dataclasses.dataclass
@@ -57,7 +56,7 @@ def exported_factory(tmp_path_factory):
     def get(name: str) -> Exported:
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            model, processor = build_tiny_checkpoint(VARIANTS[name], root / "checkpoint")
+            model, processor = build_tiny_checkpoint({**VARIANTS, **FAMILY_VARIANTS}[name], root / "checkpoint")
             export_model(str(root / "checkpoint"), root / "artifact", log=lambda msg: None)
             cache[name] = Exported(name, model, processor, root / "checkpoint", root / "artifact")
         return cache[name]

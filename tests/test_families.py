@@ -81,3 +81,71 @@ def test_decoder_gqa_falls_back_with_a_reason(exported_factory):
     assert _decoders(exp.artifact) == ["decoder"]
     vlm = VLM.load(exp.artifact)
     assert vlm.decoder_graph == "decoder" and "decoder_gqa" not in vlm.manifest.graphs
+
+
+def test_check_tensorrt_passes_every_family(exported):
+    """The static TensorRT lint (ops, profiles from the spec's dims and the manifest's limits) on each family's graphs."""
+    from vlmdeploy.runtime.check import check_artifact
+    from vlmdeploy.runtime.tensorrt.build import BuildOptions
+
+    report = check_artifact(exported.artifact, tensorrt=("10", BuildOptions()))
+    assert report.passed, report.failed
+    ok = "\n".join(report.ok)
+    for graph in ("vision", "projector", "embed", "decoder", "greedy"):
+        assert f"{graph}: tensorrt profiles:" in ok
+    rows = VLM.load(exported.artifact, verify=False).facts.limits["rows_per_image"]
+    assert f"num_images 1..{4 * rows}" in ok  # 4 images per call, each up to `rows` vision rows
+
+
+def test_top_level_import():
+    import vlmdeploy
+    from vlmdeploy import VLM as TopLevelVLM
+
+    assert TopLevelVLM is VLM and vlmdeploy.ArtifactError.__name__ == "ArtifactError"
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    from types import SimpleNamespace
+
+    from vlmdeploy.export.recipes import RecipeError
+    from vlmdeploy.export.registry import FAMILIES, family_for
+
+    with pytest.raises(RecipeError, match=r"not supported; supported: \[.*'LlavaNextForConditionalGeneration'"):
+        family_for(SimpleNamespace(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl"))
+    assert all(family_for(SimpleNamespace(architectures=[a])).architectures for a in FAMILIES)
+
+
+def test_runtime_family_registry_matches_export():
+    """Every export family names a runtime family that exists (one file + one line on each side)."""
+    from types import SimpleNamespace
+
+    from vlmdeploy.export.registry import FAMILIES, family_for
+    from vlmdeploy.runtime.families import FAMILIES as RUNTIME, family_class
+
+    names = {family_for(SimpleNamespace(architectures=[a])).family for a in FAMILIES}
+    assert names == set(RUNTIME) and all(family_class(n).name == n for n in names)
+
+
+def test_v1_artifact_still_loads_and_generates_the_same(tiny, tmp_path):
+    """An artifact written by vlmdeploy before manifest v2 (LLaVA-1.5 only) is upgraded on load."""
+    import json
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(tiny.artifact, old)
+    m = json.loads((old / "manifest.json").read_text())
+    facts = m["model"]
+    v1_model = {  # the v1 ModelFacts fields, exactly
+        "family": "llava", "dims": facts["dims"], "image_token": facts["media"]["image"]["placeholder"],
+        "image_token_id": facts["media"]["image"]["token_id"], "tokens_per_image": facts["media"]["image"]["typical_tokens"],
+        "eos_token_ids": facts["eos_token_ids"], "pad_token_id": facts["pad_token_id"], "bos_token": facts["bos_token"],
+        "eos_token": facts["eos_token"], "context_length": facts["context_length"],
+        "vision_feature_layer": facts["family_params"]["vision_feature_layer"],
+        "vision_feature_select_strategy": facts["family_params"]["vision_feature_select_strategy"],
+    }
+    (old / "manifest.json").write_text(json.dumps({**m, "manifest_version": 1, "model": v1_model}))
+    img = photo("coffee")
+    want = VLM.load(tiny.artifact).generate(ONE, [img], max_new_tokens=8, ignore_eos=True).token_ids
+    vlm = VLM.load(old)
+    assert vlm.facts.family == "llava" and vlm.facts.pipeline["decoders"] == ["decoder_gqa", "decoder"]
+    assert vlm.generate(ONE, [img], max_new_tokens=8, ignore_eos=True).token_ids == want

@@ -16,7 +16,7 @@ import pytest
 
 from vlmdeploy.runtime.check import check_artifact
 from vlmdeploy.runtime.cli import main
-from vlmdeploy.runtime.manifest import Manifest, load_manifest, read_manifest, sha256_file
+from vlmdeploy.runtime.manifest import MANIFEST_VERSION, Manifest, load_manifest, read_manifest, sha256_file
 from vlmdeploy.runtime.backends import make_runner
 from vlmdeploy.runtime.runners import OrtRunner
 from vlmdeploy.runtime.tensorrt import decode
@@ -74,7 +74,8 @@ def test_build_writes_engines_and_the_manifest_section(artifact):
     engines = manifest.engines
     assert (engines["tensorrt_version"], engines["gpu"], engines["compute_capability"], engines["precision"]) == (
         "10.7.0", "NVIDIA Test GPU", "9.0", "fp32")
-    assert engines["limits"] == {"max_batch": 2, "max_images": 4, "max_context": 256, "max_input": 256, "typical_input": 80}
+    assert engines["limits"] == {"max_batch": 2, "max_images": 4, "max_context": 256, "max_input": 256, "typical_input": 80,
+                                 "rows_per_image": 1}
     decoder = engines["graphs"]["decoder"]
     assert decoder["onnx"] == "decoder.onnx" and decoder["onnx_sha256"] == before["files"]["decoder.onnx"]["sha256"]
     assert decoder["sha256"] == sha256_file(artifact / "engines/decoder.plan")
@@ -131,7 +132,7 @@ def test_every_build_flag_maps_to_one_option(tmp_path):
 
 def test_a_manifest_without_engines_is_unchanged(tiny):
     d = read_manifest(tiny.artifact)
-    assert "engines" not in d and d["manifest_version"] == 1
+    assert "engines" not in d and d["manifest_version"] == MANIFEST_VERSION
     assert "engines" not in Manifest.from_dict(d).to_dict()
 
 
@@ -290,13 +291,13 @@ def test_polygraphy_comparator_runs_on_cpu(tiny, tmp_path):
     manifest = load_manifest(tiny.artifact)
     limits = Limits.for_model(manifest.model, max_context=32)
     (profile,) = derive_profiles(manifest.graphs["projector"], limits)
-    feeds = profile_feeds("projector", profile, manifest.model)
+    feeds = profile_feeds(manifest.graphs["projector"], profile, manifest.model)
     assert [f["image_features"].shape[0] for f in feeds] == [1, 4]  # min = opt, max
     runner = lambda path: OnnxrtRunner(SessionFromOnnx(str(tiny.artifact / path), providers=["CPUExecutionProvider"]))
     assert compare_runners(runner("projector.onnx"), runner("projector.onnx"), feeds, 1e-6, 1e-6)
     assert not compare_runners(runner("projector.onnx"), runner(_perturbed(tiny.artifact, tmp_path)), feeds, 1e-3, 1e-3)
     decode_profile = derive_profiles(manifest.graphs["decoder"], limits)[1]
-    decoder_feeds = profile_feeds("decoder", decode_profile, manifest.model)
+    decoder_feeds = profile_feeds(manifest.graphs["decoder"], decode_profile, manifest.model)
     assert [f["past_key_values.0.key"].shape[2] for f in decoder_feeds] == [0, 16, 31]
     assert compare_runners(runner("decoder.onnx"), runner("decoder.onnx"), decoder_feeds, 1e-6, 1e-6)
 
@@ -394,10 +395,10 @@ def test_trt_runner_binds_per_call_in_the_right_profile(tiny, monkeypatch):
 
 
 class RecordingRunner:
-    """Stands in for a TrtRunner in DeviceDecoder: checks feeds against the spec, records the dims, returns `out`."""
+    """Stands in for a TrtRunner in the decode loop: checks feeds against the spec, records the dims, returns `out`."""
 
     def __init__(self, spec, stream):
-        self.spec, self.stream, self.calls = spec, stream, []
+        self.spec, self.stream, self.calls, self.last_run_s = spec, stream, [], 0.0
 
     def run(self, feeds, out=None):
         from vlmdeploy.runtime.tensorrt.runner import _checkable
@@ -407,10 +408,10 @@ class RecordingRunner:
         return dict(out)
 
 
-def test_device_decoder_loop_keeps_the_cache_on_the_device(tiny, monkeypatch):
+def test_decode_loop_with_device_memory_keeps_the_cache_on_the_device(tiny, monkeypatch):
     from types import SimpleNamespace
 
-    from vlmdeploy.runtime.generate import Batch
+    from vlmdeploy.runtime.generate import Batch, DecodeLoop
     from vlmdeploy.runtime.sampling import Sampler, SamplingParams
     from vlmdeploy.runtime.tensorrt import cuda
     from vlmdeploy.runtime.tensorrt.greedy import greedy_spec
@@ -422,7 +423,7 @@ def test_device_decoder_loop_keeps_the_cache_on_the_device(tiny, monkeypatch):
     d, stream = manifest.model.dims, SimpleNamespace(ptr=7, synchronize=lambda: None)
     embed, decoder, greedy = (RecordingRunner(s, stream) for s in (manifest.graphs["embed"], manifest.graphs["decoder"], greedy_spec(d)))
     limits = Limits.for_model(manifest.model, max_batch=2, max_context=64, max_input=32)
-    loop = decode.DeviceDecoder(embed, decoder, greedy, d, limits)
+    loop = DecodeLoop(embed, decoder, manifest.model, decode.DeviceMemory(greedy, d, limits))  # the one loop
     batch = Batch(np.zeros((2, 5, d.hidden), np.float32), np.array([[0, 1, 1, 1, 1], [1] * 5], np.int64))
     tokens = list(loop.tokens(batch, 4, Sampler(SamplingParams(max_new_tokens=4))))
     assert len(tokens) == 4 and all(t.shape == (2,) for t in tokens)

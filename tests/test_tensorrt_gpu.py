@@ -62,12 +62,13 @@ def _image(seed: int = 0) -> Image.Image:
 
 
 def _tokens(directory: Path, backend: str, device_loop: bool = False, **kw) -> list[int]:
-    from vlmdeploy.runtime.tensorrt.decode import DeviceDecoder
+    """`device_loop`: the decode loop with DeviceMemory (what backend="trt" uses); else with HostMemory."""
+    from vlmdeploy.runtime.generate import DecodeLoop
     from vlmdeploy.runtime.vlm import VLM
 
     vlm = VLM.load(directory, backend=backend, decoder="decoder")
-    if device_loop:
-        vlm.decoder = DeviceDecoder.for_artifact(directory, vlm.runners, vlm.facts.dims)
+    if not device_loop:
+        vlm.decoder = DecodeLoop(vlm.runners["embed"], vlm.runners["decoder"], vlm.facts)
     prompt = f"{vlm.facts.image_token}\nWhat is in the picture?"
     return vlm.generate(prompt, [_image()], **PROMPT_TOKENS, **kw).token_ids
 

@@ -8,13 +8,13 @@ import pytest
 
 from vlmdeploy.runtime.spec import ModelDims, llava_graph_specs
 from vlmdeploy.runtime.tensorrt.backends import profile_shape_options
-from vlmdeploy.runtime.tensorrt.engines import ENGINE_GRAPHS
 from vlmdeploy.runtime.tensorrt.greedy import greedy_spec
 from vlmdeploy.runtime.tensorrt.profiles import (DimRange, Limits, Profile, ProfileError, check_profiles, derive_profiles,
                                                  envelope, select_profile, shared_dim_problems)
 
 DIMS = ModelDims(image_size=(56, 56), vision_tokens=16, vision_hidden=64, hidden=64, vocab=256, num_layers=2,
                  kv_heads=2, head_dim=16, dtype="float32")
+ENGINE_GRAPHS = ("vision", "projector", "embed", "decoder")
 SPECS = {**{g: llava_graph_specs(DIMS)[g] for g in ENGINE_GRAPHS}, "greedy": greedy_spec(DIMS)}
 FACTS = SimpleNamespace(context_length=512, tokens_per_image=16)
 LIMITS = Limits.for_model(FACTS, max_batch=4, max_images=6, max_context=256, max_input=128)

@@ -5,7 +5,7 @@
 1. Per engine and per optimization profile, random feeds at the profile's min, opt and max dims run
    through Polygraphy's OnnxrtRunner (CPU, the ONNX the engine came from) and TrtRunner (that profile
    active); `Comparator.compare_accuracy` checks every output within TOLERANCES[precision].
-2. Greedy tokens of VLM with backend "trt" (host loop, then the GPU-resident DeviceDecoder) against
+2. Greedy tokens of VLM with backend "trt" (the decode loop with its tensors on the GPU, then with host memory) against
    backend "ort-cpu" on a fixed prompt and image: equal for fp32 engines; for fp16/bf16 the first token
    must match and the common prefix is reported (random-weight models have near-tied logits).
 """

@@ -8,7 +8,9 @@ in disjoint shape regimes:
     prefill: seq 1..max_input   past 0..0              total = past + seq
     decode:  seq 1..1           past 0..max_context-1  total = past + seq
 
-Every other graph gets one profile over its dims (vision: num_images 1..max_images).
+Every other graph gets one profile over its dims (vision: num_images 1..max_images x rows_per_image,
+the rows one image takes: 1 for LLaVA, base + tiles for LLaVA-NeXT). Dim names and their limits come
+from the manifest, so no family has code here.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Limits:
     max_context: int  # prompt + generated tokens
     max_input: int  # prompt tokens in one prefill
     typical_input: int  # the prefill length TensorRT tunes for (profile opt)
+    rows_per_image: int = 1  # vision-graph rows one image takes at most (manifest limits; LLaVA-NeXT: 1 + tiles)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -49,7 +52,8 @@ class Limits:
             raise ValueError(f"max_context {max_context} > the model's context length {facts.context_length}")
         max_input = max_input or max_context
         typical = min(max_input, facts.tokens_per_image + 64)  # one image and a short question
-        return cls(max_batch, max_images, max_context, max_input, typical)
+        rows = dict(getattr(facts, "limits", None) or {}).get("rows_per_image", 1)
+        return cls(max_batch, max_images, max_context, max_input, typical, rows)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +112,7 @@ class Profile:
 # Range of each dim name the graph specs use, from the limits. A new dim name must be added here.
 def _dim_ranges(limits: Limits) -> dict[str, DimRange]:
     return {
-        "num_images": DimRange(1, 1, limits.max_images),
+        "num_images": DimRange(1, limits.rows_per_image, limits.max_images * limits.rows_per_image),
         "batch": DimRange(1, 1, limits.max_batch),
         "seq": DimRange(1, limits.typical_input, limits.max_input),
     }
