@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .evaluate import MAX_NEW_TOKENS, PROMPT
+from .scorecard import MAX_NEW_TOKENS, PROMPT
 
 
 def pick_questions(ex: shapes.Example, count: int, seed: int) -> list[shapes.QA]:

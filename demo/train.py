@@ -26,7 +26,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from . import shapes
-from .evaluate import PROMPT, Answer, Scorecard
+from .scorecard import PROMPT, Answer, Scorecard
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 # LLaVA-1.5's chat template (export/tiny_tokenizer.py) with the text before the images, as in part

@@ -116,13 +116,19 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
+        from .patches import traceable_rope
+
         cache = DynamicCache()  # full layers: DynamicCache(config=...) would trim windowed layers
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=True,
-        )
+        # while torch.export traces: stateless, traceable length-dependent RoPE (export/patches.py);
+        # eager calls (the validation reference) run HF's own code
+        rope = traceable_rope(self.language_model) if torch.compiler.is_exporting() else contextlib.nullcontext()
+        with rope:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, use_cache=True,
+            )
         logits = self.lm_head(out.last_hidden_state)
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (logits, *present)

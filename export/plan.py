@@ -340,7 +340,7 @@ def _visual_notes(visual: tuple[ImageTokens, ...], budget: ImageTokens, w: "Work
     if big is not None:
         notes.append(
             f"LLaVA-NeXT at {big.size[0]}x{big.size[1]}: {big.tiles} tiles x {big.tokens_per_tile:,} = {big.before_unpadding:,} "
-            f"visual tokens before unpadding (the count usually quoted); HF's processor and this runtime put "
+            f"visual tokens before unpadding (tiles x tokens per tile, the count often quoted); HF's processor and this runtime put "
             f"{big.tokens:,} <image> tokens in the prompt (after unpadding, incl. {big.newlines} newline tokens)")
         if not w.image_sizes:
             notes.append("pass --image-size HxW (repeatable) for the tokens of your images' sizes")
@@ -404,8 +404,8 @@ def _window_note(layers: tuple[KVLayer, ...], w: Workload, dtype: str) -> list[s
     saved = sum(2 * x.kv_heads * x.head_dim * max(0, w.context - x.window) for x in windowed)
     saved *= np.dtype(dtype).itemsize * w.batch
     return [f"sliding-window attention (window {', '.join(map(str, windows))}) on {len(windowed)} of {len(layers)} "
-            f"layers: this runtime's KV cache still stores the whole context for them (counted above); a "
-            f"windowed cache would hold {_size(saved)} less" + (" per buffer" if saved else "")]
+            f"layers: this runtime's KV cache still stores the whole context for them (counted above); keeping "
+            f"only the window would save {_size(saved)} per KV buffer"]
 
 
 def _decoder_activations(batch: int, seq: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
