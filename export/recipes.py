@@ -42,6 +42,7 @@ class TinyConfig:
     text_model: str = "llama"  # llama | mistral | qwen2 | gemma | phi3
     vision_model: str = "clip"  # clip | siglip | dinov2
     sliding_window: int | None = None  # mistral
+    longrope_original: int | None = None  # phi3: LongRoPE with this original_max_position_embeddings
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # llava_next; default: 1x2, 2x1, 2x2 tiles
 
     def __post_init__(self):

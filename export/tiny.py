@@ -35,11 +35,21 @@ def text_config(cfg: TinyConfig, pad_token_id: int):
         "llama": {}, "qwen2": {"use_sliding_window": False},
         "mistral": {"sliding_window": cfg.sliding_window, "head_dim": cfg.text_hidden // cfg.text_heads},
         "gemma": {"head_dim": cfg.text_hidden // cfg.text_heads, "hidden_activation": "gelu_pytorch_tanh"},
-        "phi3": {"original_max_position_embeddings": cfg.context_length},
+        "phi3": _phi3_rope(cfg),
     }[cfg.text_model]
     cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
            "phi3": "Phi3Config"}[cfg.text_model]
     return getattr(transformers, cls)(**common, **extra)
+
+
+def _phi3_rope(cfg: TinyConfig) -> dict:
+    """Plain RoPE, or LongRoPE (short factors up to `longrope_original` positions, long beyond: HF
+    switches per call on the batch's largest position)."""
+    if cfg.longrope_original is None:
+        return {"original_max_position_embeddings": cfg.context_length}
+    half = cfg.text_hidden // cfg.text_heads // 2
+    factors = {"short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [2.0 + 0.3 * i for i in range(half)]}
+    return {"original_max_position_embeddings": cfg.longrope_original, "rope_scaling": {"type": "longrope", **factors}}
 
 
 def vision_config(cfg: TinyConfig):

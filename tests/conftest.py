@@ -30,7 +30,10 @@ FAMILY_VARIANTS = {
     "llava-qwen2-siglip": TinyConfig(seed=12, image_size=28, text_model="qwen2", vision_model="siglip",
                                      vision_feature_layer=-1, vision_feature_select_strategy="full"),
     "llava-gemma-clip": TinyConfig(seed=13, image_size=28, text_model="gemma"),
-    "llava-phi3-dinov2": TinyConfig(seed=14, image_size=28, text_model="phi3", vision_model="dinov2"),
+    # LongRoPE switching at 36 positions: the text prompt (32 tokens) starts short and crosses it while
+    # generating; the image prompts (39, 40) start above it
+    "llava-phi3-dinov2": TinyConfig(seed=14, image_size=28, text_model="phi3", vision_model="dinov2",
+                                    longrope_original=36),
     "llava_next-llama-clip": TinyConfig(seed=15, image_size=28, family="llava_next"),
     "llava_next-mistral-clip": TinyConfig(seed=16, image_size=28, family="llava_next", text_model="mistral"),
     "llava-llama-clip-hd20": TinyConfig(seed=17, image_size=28, text_hidden=80, text_heads=4, text_kv_heads=2),
