@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX graphs + manifest")
-    e.add_argument("--model", required=True, help="a recipe name in configs/ (llava, llava-13b, tiny) or an HF checkpoint dir")
+    e.add_argument("--model", required=True, help="a recipe name in configs/ (llava, llava-13b, llava-next, shapes, tiny, tiny-next) or an HF checkpoint dir")
     e.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], help="default: the recipe's; fp32 for a directory")
     e.add_argument("--opset", type=int, default=18)
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--seed", type=int)
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens (benchmarks, parity checks)")
     r.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     r.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text, timings")
     r.set_defaults(func=_run)
@@ -91,7 +92,7 @@ def _run(args) -> int:
     vlm = VLM.load(args.dir, threads=args.threads)
     sampling = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop,
+        top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     if args.raw:
         result, stream = vlm.generate, vlm.stream

@@ -149,3 +149,33 @@ def test_v1_artifact_still_loads_and_generates_the_same(tiny, tmp_path):
     vlm = VLM.load(old)
     assert vlm.facts.family == "llava" and vlm.facts.pipeline["decoders"] == ["decoder_gqa", "decoder"]
     assert vlm.generate(ONE, [img], max_new_tokens=8, ignore_eos=True).token_ids == want
+
+
+def test_cli_exports_checks_and_runs_a_checkpoint_dir(exported_factory, tmp_path, capsys):
+    """`vlmdeploy export --model DIR` on a LLaVA-NeXT checkpoint, then `check` and `run` (the chat
+    template, a non-square photo): the same tokens as HF's chat prompt through `generate`."""
+    import json
+
+    from vlmdeploy.runtime.cli import main
+
+    exp = exported_factory("llava_next-mistral-clip")
+    out = tmp_path / "next"
+    assert main(["export", "--model", str(exp.checkpoint), "--out", str(out)]) == 0
+    assert main(["check", str(out)]) == 0
+    image = tmp_path / "cat.png"
+    photo("chelsea").save(image)
+    capsys.readouterr()
+    assert main(["run", str(out), "--image", str(image), "--prompt", "Describe it.", "--max-new-tokens", "24",
+                 "--ignore-eos", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["token_ids"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    prompt = exp.processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert got == hf_generate(exp, [prompt], [[photo("chelsea")]])[0]
+
+
+def test_tiny_next_recipe_builds(tmp_path):
+    """`make demo MODEL=tiny-next`'s recipe: a random-init LLaVA-NeXT on Mistral."""
+    from vlmdeploy.export.recipes import load_recipe
+
+    cfg = load_recipe("tiny-next").random_init
+    assert (cfg.family, cfg.text_model, cfg.vision_model) == ("llava_next", "mistral", "clip")
