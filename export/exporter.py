@@ -25,6 +25,9 @@ from .quantize import SCHEMES, quantize_graph
 from .recipes import RecipeError, find_weights, load_recipe
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
+# Graphs an artifact can do without (the runtime falls back to the portable decoder): a failure to
+# build or validate one is logged in one line and the export goes on.
+OPTIONAL_GRAPHS = ("decoder_gqa",)
 DEFAULT_OPSET = 18
 
 
@@ -89,9 +92,16 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
     specs = family.graph_specs(facts, model, log)
     modules = family.graph_modules(model)  # traced graphs; decoder_gqa is built directly as ONNX
     validation = {}
-    for i, (name, spec) in enumerate(specs.items(), 1):
+    for i, (name, spec) in enumerate(list(specs.items()), 1):
         log(f"[{i}/{len(specs)}] {name}: exporting")
-        validation[name] = _export_one(family, model, facts, name, spec, modules, tmp / f"{name}.onnx", opset)
+        try:
+            validation[name] = _export_one(family, model, facts, name, spec, modules, tmp / f"{name}.onnx", opset)
+        except Exception as e:  # noqa: BLE001 — an optional graph never fails the export
+            if name not in OPTIONAL_GRAPHS:
+                raise
+            _drop_graph(tmp, name, specs)
+            log(f"[{i}/{len(specs)}] {name}: skipped, the export ships without it ({type(e).__name__}: {str(e)[:200]})")
+            continue
         log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs PyTorch max abs diff {validation[name]['max_abs_diff']:.2e}")
     if "decoder_gqa" not in specs:
         facts = dataclasses.replace(facts, pipeline={**facts.pipeline, "decoders": ["decoder"]})
@@ -146,6 +156,12 @@ def _export_one(family, model, facts, name, spec, modules, path: Path, opset: in
     reference = family.reference(model, name, module, spec)
     valid = functools.partial(family.valid_positions, name)
     return onnx_export.validate_graph(path, spec, reference, feeds_at, validation_dims(spec), facts.dims.dtype, valid)
+
+
+def _drop_graph(tmp: Path, name: str, specs: dict) -> None:
+    specs.pop(name)
+    for path in tmp.glob(f"{name}.onnx*"):
+        path.unlink()
 
 
 def _build_decoder_gqa(family, model, facts, spec, modules, path: Path, tolerance: float | None = None) -> dict:

@@ -179,3 +179,21 @@ def test_tiny_next_recipe_builds(tmp_path):
 
     cfg = load_recipe("tiny-next").random_init
     assert (cfg.family, cfg.text_model, cfg.vision_model) == ("llava_next", "mistral", "clip")
+
+
+def test_an_optional_graph_that_fails_never_fails_the_export(tiny, tmp_path, monkeypatch):
+    """decoder_gqa's builder raising (a transformers change, an ORT kernel limit) leaves a complete
+    artifact with the portable decoder, and says why in one line."""
+    from vlmdeploy.export import decoder_gqa
+    from vlmdeploy.export.exporter import export_model
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated builder failure")
+
+    monkeypatch.setattr(decoder_gqa, "build", broken)
+    lines = []
+    export_model(str(tiny.checkpoint), tmp_path / "art", log=lines.append)
+    assert any("decoder_gqa: skipped" in line and "simulated builder failure" in line for line in lines)
+    vlm = VLM.load(tmp_path / "art")
+    assert vlm.decoder_graph == "decoder" and not list((tmp_path / "art").glob("decoder_gqa*"))
+    assert vlm.generate(ONE, [photo("coffee")], max_new_tokens=4, ignore_eos=True).token_ids
