@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmdeploy.runtime.dummy import export_dims, sample_feeds, validation_dims  # noqa: F401 (family API)
 from vlmdeploy.runtime.manifest import DEFAULT_PIPELINE, MediaKind, ModelFacts
 from vlmdeploy.runtime.spec import GraphSpec, ModelDims, llava_graph_specs
 

@@ -17,13 +17,13 @@ to ``t x t`` first, then the tiles of the best grid resolution in row-major orde
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .images import ImageError, center_crop, shortest_edge_size, to_rgb
+from .images import ImageError, center_crop, check_number, check_triple, shortest_edge_size, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -374,16 +374,8 @@ def _pinpoints(name: str, value: Any) -> tuple[Pair, ...]:
     return tuple(_pair(name, v) for v in value)
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def _triple(name: str, value: Any) -> tuple[float, float, float]:
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise ValueError(f"{name} must have 3 values (R, G, B), got {value!r}")
-    values = tuple(_number(name, v) for v in value)
+    values = check_triple(name, value)
     if name == "image_std" and 0.0 in values:
         raise ValueError("image_std must not contain 0")
     return values
@@ -422,7 +414,7 @@ def _str(name: str, value: Any) -> str:
 
 _COERCE = {
     "grid_pinpoints": _pinpoints, "crop_size": _pair, "size_hw": _pair,
-    "shortest_edge": _optional_int, "resample": _resample, "rescale_factor": _number,
+    "shortest_edge": _optional_int, "resample": _resample, "rescale_factor": check_number,
     "image_mean": _triple, "image_std": _triple, "patch_size": _int,
     "vision_feature_select_strategy": _strategy, "vision_feature_layer": _layer,
     "image_token": _str, "image_token_index": lambda n, v: _int(n, v, 0),

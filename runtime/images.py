@@ -332,8 +332,8 @@ def _coerce_field(name: str, value: Any) -> Any:
     if name in ("size_hw", "crop_size"):
         return _check_pair(name, value)
     if name == "rescale_factor":
-        return _check_number(name, value)
-    return _check_triple(name, value)  # image_mean, image_std
+        return check_number(name, value)
+    return check_triple(name, value)  # image_mean, image_std
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -356,16 +356,16 @@ def _check_pair(name: str, value: Any) -> tuple[int, int]:
     return tuple(_check_int(name, v, 1) for v in value)
 
 
-def _check_number(name: str, value: Any) -> float:
+def check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _check_triple(name: str, value: Any) -> tuple[float, float, float]:
+def check_triple(name: str, value: Any) -> tuple[float, float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise ValueError(f"{name} must have 3 values (R, G, B), got {value!r}")
-    return tuple(_check_number(name, v) for v in value)
+    return tuple(check_number(name, v) for v in value)
 
 
 def _check_required(p: ImagePreprocessor) -> None:
