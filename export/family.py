@@ -67,8 +67,9 @@ class LlavaStyleExport:
             positions="cumsum",
             pipeline=dict(DEFAULT_PIPELINE),
             tensors={name: f"{name}.npy" for name in self.tensors(model, dtype)},
+            # every named dim of the graphs; None: the model sets no bound (build flags and budgets do)
             limits={"seq": context, "total": context, "capacity": context, "past": context - 1,
-                    "rows_per_image": self.rows_per_image(preprocess)},
+                    "batch": None, "num_images": None, "rows_per_image": self.rows_per_image(preprocess)},
         )
 
     def _dims(self, model, files: ProcessorFiles, dtype: str) -> ModelDims:

@@ -59,7 +59,8 @@ class ModelFacts:
     (e.g. LLaVA-NeXT's grid pinpoints). `pipeline` names the graphs: per media kind the chain that
     turns preprocessed pixels into embeddings, the token embedding, and the decoders by preference.
     `tensors` are extra arrays (.npy files of the artifact, sha-checked like the graphs).
-    `limits` bound every named dim of the graphs (the largest value the model accepts)."""
+    `limits` bound every named dim of the graphs (the largest value the model accepts; None where the
+    model sets none), plus `rows_per_image`: the vision-graph rows one image takes at most."""
 
     family: str
     dims: ModelDims
@@ -74,7 +75,7 @@ class ModelFacts:
     positions: str = "cumsum"
     pipeline: Mapping = field(default_factory=lambda: dict(DEFAULT_PIPELINE))
     tensors: Mapping[str, str] = field(default_factory=dict)
-    limits: Mapping[str, int] = field(default_factory=dict)
+    limits: Mapping[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.positions not in POSITION_SCHEMES:

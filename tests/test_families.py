@@ -69,6 +69,8 @@ def test_manifest_says_what_the_runtime_needs(exported):
     assert len(facts.kv_layers) == cfg.text_config.num_hidden_layers
     window = getattr(cfg.text_config, "sliding_window", None) if cfg.text_config.model_type == "mistral" else None
     assert {k.window for k in facts.kv_layers} == {window}
+    names = {d for spec in VLM.load(exported.artifact).manifest.graphs.values() for d in spec.dim_names()}
+    assert names <= set(facts.limits)  # every named dim has its limit (None: unbounded by the model)
     if facts.family == "llava_next":
         assert facts.tensors == {"image_newline": "image_newline.npy"}
         assert facts.limits["rows_per_image"] == 5  # base + the 2x2 grid
