@@ -63,12 +63,12 @@ class VLM:
 
     def _decoder(self) -> DecodeLoop:
         """The decode loop, with its tensors on the host (ONNX Runtime) or on the GPU (TensorRT)."""
-        embed = self.runners[self.facts.pipeline["embed"]]
+        embed, decoder = self.runners[self.facts.pipeline["embed"]], self.runners[self.decoder_graph]
         if self.backend == "trt":
             from .tensorrt.decode import device_decode_loop
 
-            return device_decode_loop(self.directory, {**self.runners, "embed": embed}, self.facts, self.decoder_graph)
-        return DecodeLoop(embed, self.runners[self.decoder_graph], self.facts)
+            return device_decode_loop(self.directory, embed, decoder, self.facts)
+        return DecodeLoop(embed, decoder, self.facts)
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True,

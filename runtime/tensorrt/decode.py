@@ -128,9 +128,9 @@ class DeviceMemory:
             buffer.free()
 
 
-def device_decode_loop(directory: str | Path, runners: dict, facts, decoder: str = "decoder") -> DecodeLoop:
+def device_decode_loop(directory: str | Path, embed: TrtRunner, decoder: TrtRunner, facts) -> DecodeLoop:
     """The one decode loop (generate.DecodeLoop) over the VLM's embed/decoder TrtRunners, with its
     tensors on the GPU and the greedy engine `vlmdeploy build` made."""
-    greedy = TrtRunner.from_artifact(directory, greedy_spec(facts.dims), stream=runners[decoder].stream)
+    greedy = TrtRunner.from_artifact(directory, greedy_spec(facts.dims), stream=decoder.stream)
     limits = load_engines(directory).limits
-    return DecodeLoop(runners["embed"], runners[decoder], facts, DeviceMemory(greedy, facts.dims, limits))
+    return DecodeLoop(embed, decoder, facts, DeviceMemory(greedy, facts.dims, limits))
