@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmdeploy.runtime.dummy import export_dims, sample_feeds, validation_dims
-from vlmdeploy.runtime.manifest import Manifest, check_out_dir, describe_files, staging_dir
+from vlmdeploy.runtime.manifest import Manifest, check_export_target, describe_files, staging_dir
 from vlmdeploy.runtime.spec import GraphSpec
 
 from . import decoder_gqa, onnx_export, registry
@@ -76,8 +76,8 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, opset: i
         raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
     if quantize is not None and quantize not in SCHEMES:
         raise RecipeError(f"--quantize {quantize!r} not one of {sorted(SCHEMES)}")
-    check_out_dir(Path(out))  # before minutes of work
-    with resolve_source(model, dtype) as src, staging_dir(Path(out)) as tmp:
+    check_export_target(Path(out))  # before minutes of work
+    with resolve_source(model, dtype) as src, staging_dir(Path(out), check_export_target) as tmp:
         log(f"checkpoint {src.checkpoint} ({src.dtype}, opset {opset})")
         manifest = _export_into(src, tmp, opset, log, quantize)
         manifest.write(tmp)

@@ -8,6 +8,7 @@ Export writes the manifest last, inside a temporary directory that is renamed in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -291,22 +292,85 @@ def check_out_dir(out: Path) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def staging_dir(out: Path):
-    """Write into a hidden sibling directory; rename it over `out` only when complete (export, engine builds)."""
+def check_export_target(out: Path) -> Path:
+    """`check_out_dir`, and: an existing artifact is replaced only when every file in it is one the
+    export wrote (listed in its manifest). Anything else (a user's notes, engines from `vlmdeploy
+    build`, a manifest.json that is not ours) makes the export refuse, naming it; nothing is deleted."""
     out = check_out_dir(out)
+    if not (out / MANIFEST_NAME).is_file():
+        return out
+    try:
+        d = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        d = None
+    if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("files"), dict):
+        raise FileExistsError(f"{out} holds a {MANIFEST_NAME} that is not a vlmdeploy manifest; nothing was "
+                              "replaced. Choose another --out")
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                     if not p.is_dir() and p.name != MANIFEST_NAME and str(p.relative_to(out)) not in d["files"])
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{out} holds files the export did not write ({shown}); replacing the artifact would "
+                              "delete them, so nothing was replaced. Move them out or choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, check=check_out_dir):
+    """Write into a hidden sibling directory; swap it with `out` only when complete (export, engine
+    builds). `check(out)` runs before the work and again right before the swap."""
+    out = check(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
+        check(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)
 
 
+def clean_stale(out: Path) -> None:
+    """What killed exports left beside `out`: a previous artifact parked as `.NAME.old-PID` is put back
+    when `out` is missing (a kill between two renames on a filesystem without atomic exchange), and
+    `.NAME.old-*` / `.NAME.partial-PID-*` of processes no longer running are removed."""
+    for parked in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if _owner_alive(parked.name.rsplit("-", 1)[-1]):
+            continue
+        if not out.exists():
+            parked.rename(out)
+        else:
+            shutil.rmtree(parked, ignore_errors=True)
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name[len(f".{out.name}.partial-"):].split("-", 1)[0]
+        if not _owner_alive(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _owner_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def replace_dir(new: Path, out: Path) -> None:
+    """Put `new` at `out`. Where the OS can exchange two paths atomically (Linux renameat2), `out` is
+    the old or the new artifact at every instant; elsewhere the old one is parked as `.NAME.old-PID`
+    for the moment between two renames (and put back by `clean_stale` if the process dies there)."""
+    if out.exists() and _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old artifact
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -314,3 +378,14 @@ def replace_dir(new: Path, out: Path) -> None:
     new.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
