@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .images import ImageError, center_crop, check_number, check_triple, shortest_edge_size, to_rgb
+from .images import ImageError, center_crop, check_number, check_triple, hf_crop, shortest_edge_size, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -101,7 +101,7 @@ class AnyresParams:
         size = _hf_size(ip.get("size", {"shortest_edge": 224}))
         params = cls(
             grid_pinpoints=ip.get("image_grid_pinpoints", [list(p) for p in LLAVA_V16_PINPOINTS]),
-            crop_size=_hf_crop(ip.get("crop_size", {"height": 224, "width": 224})),
+            crop_size=hf_crop(ip.get("crop_size", {"height": 224, "width": 224})),
             shortest_edge=size.get("shortest_edge"),
             size_hw=(size["height"], size["width"]) if "height" in size else None,
             resample=ip.get("resample", 3),
@@ -515,17 +515,6 @@ def _hf_size(size: Any) -> dict:
         return size
     raise ValueError(f"unsupported size {size!r}; allowed: an int, [height, width], "
                      '{"shortest_edge": n} or {"height": h, "width": w}')
-
-
-def _hf_crop(crop: Any) -> Pair:
-    if isinstance(crop, int) and not isinstance(crop, bool):
-        return (crop, crop)
-    if isinstance(crop, (list, tuple)) and len(crop) == 2:
-        return tuple(crop)
-    if isinstance(crop, dict) and set(crop) == {"height", "width"}:
-        return (crop["height"], crop["width"])
-    raise ValueError(f"unsupported crop_size {crop!r}; allowed: an int, [height, width] or "
-                     '{"height": h, "width": w}')
 
 
 def _hf_triple(value: Any) -> Any:

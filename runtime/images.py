@@ -410,7 +410,7 @@ def _hf_fields(d: dict, family: str) -> dict:
         size_hw=(size["height"], size["width"]) if size and "height" in size else None,
         resample=get("resample"),
         do_center_crop=_hf_flag(d, "do_center_crop", get("do_center_crop")),
-        crop_size=_hf_crop(get("crop_size")),
+        crop_size=hf_crop(get("crop_size")),
         do_rescale=_hf_flag(d, "do_rescale"),
         rescale_factor=d.get("rescale_factor", 1 / 255),
         do_normalize=_hf_flag(d, "do_normalize"),
@@ -440,7 +440,7 @@ def _check_batch_pad(d: dict, output_size: tuple[int, int]) -> None:
     pad = d.get("pad_size")
     if not _hf_flag(d, "do_pad", False) or pad is None:
         return
-    if _hf_crop(pad, "pad_size") != tuple(output_size):
+    if hf_crop(pad, "pad_size") != tuple(output_size):
         raise ValueError(
             f"do_pad with pad_size {pad!r} zero-pads pixel_values beyond the {output_size} "
             "output; not supported. Allowed: do_pad false, pad_size null, or pad_size equal "
@@ -471,7 +471,7 @@ def _hf_size(size: Any, default_to_square: bool) -> dict | None:
     )
 
 
-def _hf_crop(crop: Any, name: str = "crop_size") -> tuple[int, int] | None:
+def hf_crop(crop: Any, name: str = "crop_size") -> tuple[int, int] | None:
     if crop is None:
         return None
     if isinstance(crop, int) and not isinstance(crop, bool):
