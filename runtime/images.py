@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
@@ -74,16 +75,28 @@ class ImageError(ValueError):
 # Loading
 
 
-def load_image(source: Any, exif_transpose: bool = True) -> Image.Image:
+# Budgets for what the runtime decodes and resizes (a tiny file can expand to gigabytes).
+MAX_FILE_BYTES = 64 << 20  # an image file or bytes object
+MAX_DECODED_PIXELS = 64_000_000  # width x height of the decoded image
+MAX_RESIZED_PIXELS = 64_000_000  # width x height after a processor's resize rule (extreme aspect ratios)
+
+
+def load_image(source: Any, exif_transpose: bool | None = None) -> Image.Image:
     """Decode a path, bytes or PIL image fully (so truncation fails here, not later).
 
-    Keeps the image mode (alpha is handled by the preprocessor). Applies the EXIF orientation,
-    as transformers' ``load_image`` does.
+    Keeps the image mode (alpha is handled by the preprocessor). EXIF orientation as transformers:
+    a path or bytes is rotated upright (its ``load_image`` does that), a PIL image is used as given
+    (its processors take it as is). ``exif_transpose`` overrides. Files and pixels are budgeted
+    (MAX_FILE_BYTES, MAX_DECODED_PIXELS): a FIFO, a device or a decompression bomb is refused.
     """
+    if exif_transpose is None:
+        exif_transpose = not isinstance(source, Image.Image)
     name, opener = _opener(source)
     try:
         image = opener()
         image.load()
+    except ImageError as e:
+        raise ImageError(str(e).replace("image is", f"{name} is", 1)) from None
     except FileNotFoundError as e:
         raise ImageError(f"{name} does not exist: {e}") from e
     except IsADirectoryError as e:
@@ -95,7 +108,14 @@ def load_image(source: Any, exif_transpose: bool = True) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         reason = "truncated file" if "truncated" in str(e).lower() else "corrupt data"
         raise ImageError(f"{name} is not a readable image ({reason}): {e}") from e
+    _check_pixels(name, image.size)
     return ImageOps.exif_transpose(image) if exif_transpose else image
+
+
+def _check_pixels(name: str, size: tuple[int, int]) -> None:
+    if size[0] * size[1] > MAX_DECODED_PIXELS:
+        raise ImageError(f"{name} is {size[0]}x{size[1]} pixels, over the budget of {MAX_DECODED_PIXELS:,} pixels "
+                         "per image; downscale it first")
 
 
 def _opener(source: Any):
@@ -104,7 +124,9 @@ def _opener(source: Any):
         return "image", lambda: source
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return f"<{len(data)} bytes>", lambda: Image.open(io.BytesIO(data))
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"<{len(data)} bytes> is over the budget of {MAX_FILE_BYTES:,} bytes per image")
+        return f"<{len(data)} bytes>", lambda: _pil_open(data)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         return path, lambda: _open_path(path)
@@ -115,9 +137,23 @@ def _opener(source: Any):
 
 
 def _open_path(path: str) -> Image.Image:
+    """Regular files only (a FIFO would block, /dev/zero never ends), within the byte budget."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path} is not a regular file (a pipe, socket or device); give an image file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(f"{path} is {st.st_size:,} bytes, over the budget of {MAX_FILE_BYTES:,} bytes per image")
     with open(path, "rb") as f:  # read eagerly: no file handle stays open
-        data = f.read()
-    return Image.open(io.BytesIO(data))
+        data = f.read(MAX_FILE_BYTES + 1)
+    return _pil_open(data)
+
+
+def _pil_open(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    _check_pixels("image", image.size)  # from the header: before the pixels are decoded
+    return image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +290,10 @@ class ImagePreprocessor:
     def _resize(self, pixels: np.ndarray) -> np.ndarray:
         h, w = pixels.shape[:2]
         oh, ow = self.size_hw or shortest_edge_size(h, w, self.shortest_edge)
+        if oh * ow > MAX_RESIZED_PIXELS:
+            raise ImageError(f"a {w}x{h} image would be resized to {ow}x{oh} (the processor keeps the aspect ratio), "
+                             f"over the budget of {MAX_RESIZED_PIXELS:,} pixels; crop or pad it to a less extreme "
+                             "aspect ratio")
         resized = Image.fromarray(pixels).resize((ow, oh), resample=self.resample)
         return np.asarray(resized)  # [oh, ow, 3] uint8
 

@@ -79,6 +79,10 @@ class ModelFacts:
     limits: Mapping[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.eos_token_ids):
+            raise ValueError(f"eos_token_ids must be a list of token ids (ints >= 0), got {list(self.eos_token_ids)!r}")
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise ValueError(f"pad_token_id must be an int, got {self.pad_token_id!r}")
         if self.positions not in POSITION_SCHEMES:
             raise ValueError(f"positions {self.positions!r} not one of {POSITION_SCHEMES}")
         if len(self.kv_layers) != self.dims.num_layers:
@@ -111,6 +115,8 @@ class ModelFacts:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
         dims = dict(d["dims"], image_size=tuple(d["dims"]["image_size"]))
+        if not isinstance(d["eos_token_ids"], list):
+            raise ValueError(f"eos_token_ids must be a list of token ids, got {d['eos_token_ids']!r}")
         return cls(**dict(
             d, dims=ModelDims(**dims), eos_token_ids=tuple(d["eos_token_ids"]),
             media={k: MediaKind(**v) for k, v in d["media"].items()},

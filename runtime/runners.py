@@ -58,6 +58,17 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def check_threads(threads) -> int | None:
+    """None (all cores) or an int in 1..8 x the cores; more only oversubscribes (1000 hangs ONNX Runtime)."""
+    if threads is None:
+        return None
+    most = 8 * (os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
+        raise ValueError(f"threads must be an int from 1 to {most} (8 x this machine's {os.cpu_count()} cores) or "
+                         f"None for all cores, got {threads!r}")
+    return threads
+
+
 class OrtRunner(Runner):
     """ONNX Runtime; on the CPU unless `providers` names GPU execution providers."""
 
@@ -66,7 +77,7 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
+        opts.intra_op_num_threads = check_threads(threads) or default_threads()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)

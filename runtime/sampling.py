@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -18,18 +18,50 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        _check_number("temperature", self.temperature, ">= 0 (0 = greedy)", lambda t: t >= 0)
+        _check_number("top_p", self.top_p, "in (0, 1]", lambda p: 0 < p <= 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, "an int >= 0 or None")
+        _check_int("top_k", self.top_k, 0, "an int >= 0 (0 = off)")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "SamplingParams":
+        """The keyword arguments of generate/stream/chat; an unknown one is named with the allowed ones."""
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            hint = " (sampling is on when temperature > 0)" if "do_sample" in unknown else ""
+            raise ValueError(f"unknown sampling argument(s) {unknown}{hint}; allowed: {allowed}")
+        if "stop" in kwargs:  # a str, a list of str, or None
+            kwargs = {**kwargs, "stop": _stop_tuple(kwargs["stop"])}
+        return cls(**kwargs)
+
+
+def _stop_tuple(stop) -> tuple:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (list, tuple)):
+        return tuple(stop)
+    raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+
+
+def _check_int(name: str, value, low: int, allowed: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {allowed or f'an int >= {low}'}, got {value!r}")
+
+
+def _check_number(name: str, value, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number {allowed}, got {type(value).__name__} {value!r}")
+    if not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 class Sampler:

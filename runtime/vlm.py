@@ -22,6 +22,7 @@ from .families.base import MediaItem
 from .generate import Batch, DecodeLoop
 from .images import load_image
 from .manifest import ArtifactError, Manifest, load_manifest
+from .runners import check_threads
 from .sampling import SamplingParams
 from .session import Generation, GenerationResult, Timings
 from .text import (
@@ -77,6 +78,7 @@ class VLM:
         `decoder`: "decoder_gqa" (in-place KV cache, ONNX Runtime only) or "decoder" (portable);
         default: the fastest one the artifact has for the backend."""
         directory = Path(directory)
+        check_threads(threads)  # before anything is read
         manifest = load_manifest(directory, checksums=verify)
         if backend == "auto":
             from .tensorrt.backends import resolve_backend
@@ -99,6 +101,8 @@ class VLM:
 
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, **sampling) -> list[GenerationResult]:
         """Left-padded batch; each row's tokens equal HF batch `generate`."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise PromptError(f"prompts must be a list of strings (one per row), got a bare {type(prompts).__name__}")
         images = [()] * len(prompts) if images is None else images
         if len(images) != len(prompts):
             raise PromptError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
@@ -139,13 +143,13 @@ class VLM:
         return _Request(prompt, images, chat_prompt_adds_special_tokens(prompt, self.text.bos_token))
 
     def _generate(self, requests: list[_Request], sampling: dict) -> list[GenerationResult]:
-        gen = Generation(self, requests, SamplingParams(**_normalize(sampling)))
+        gen = Generation(self, requests, _sampling(sampling))
         for _ in gen:
             pass
         return gen.results()
 
     def _stream(self, request: _Request, sampling: dict) -> Iterator[str]:
-        gen = Generation(self, [request], SamplingParams(**_normalize(sampling)))
+        gen = Generation(self, [request], _sampling(sampling))
         for deltas in gen:
             if deltas[0]:
                 yield deltas[0]
@@ -170,6 +174,11 @@ class VLM:
     def _check_placeholders(self, request: _Request) -> None:
         if not isinstance(request.prompt, str):
             raise PromptError(f"prompt must be a str, got {type(request.prompt).__name__}")
+        try:
+            request.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"prompt is not valid text: {e.reason} at position {e.start} "
+                              "(a lone surrogate, e.g. from bytes decoded with errors='surrogateescape')") from None
         try:
             expand_placeholders(request.prompt, self.facts.image_token, [1] * len(request.images))
         except ValueError as e:
@@ -221,19 +230,21 @@ def _pick_decoder(manifest: Manifest, backend: str) -> str:
 
 
 def _image_list(images) -> list:
-    """A list of images; a lone path/bytes/PIL image is a mistake worth naming, not 70 'images'."""
+    """A list of images (None: none); a lone path/bytes/PIL image is a mistake worth naming, not 70 'images'."""
+    if images is None:
+        return []
     if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "getpixel"):
         raise PromptError(f"images must be a list (e.g. images=[{type(images).__name__}]), got a bare {type(images).__name__}")
+    if not isinstance(images, (list, tuple)):
+        raise PromptError(f"images must be a list of images (paths, bytes or PIL images), got {type(images).__name__}")
     return list(images)
 
 
-def _normalize(sampling: dict) -> dict:
-    if "stop" in sampling and sampling["stop"] is not None:
-        stop = sampling["stop"]
-        sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    elif "stop" in sampling:
-        sampling["stop"] = ()
-    return sampling
+def _sampling(kwargs: dict) -> SamplingParams:
+    try:
+        return SamplingParams.from_kwargs(kwargs)
+    except ValueError as e:
+        raise PromptError(str(e)) from None
 
 
 def _left_pad(rows: list[np.ndarray]) -> Batch:
@@ -257,6 +268,9 @@ def _split_images(messages: list[dict]) -> tuple[list, list[dict]]:
         if isinstance(content, list):
             new = []
             for item in content:
+                if not isinstance(item, dict) or "type" not in item:
+                    raise PromptError(f"each content item must be a dict with a 'type' ('text' or 'image'), got {item!r:.80}; "
+                                      'a plain string goes as {"type": "text", "text": ...}')
                 if item.get("type") == "image":
                     if "image" not in item:
                         raise PromptError("an image content item needs the image under 'image' (PIL image, path or bytes)")

@@ -525,7 +525,7 @@ def test_bad_sampling_params(vlm, kwargs, message):
 
 
 def test_unknown_sampling_param(vlm):
-    with pytest.raises(TypeError, match="bogus"):
+    with pytest.raises(PromptError, match=r"unknown sampling argument\(s\) \['bogus'\]; allowed: \['max_new_tokens'"):
         vlm.generate("hi", bogus=1)
 
 
