@@ -11,6 +11,8 @@ position scheme (runtime/positions.py). Finished rows keep running (their tokens
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -89,37 +91,53 @@ class DecodeLoop:
     """Drives the embed graph and one decoder graph over a batch; `memory` places the tensors."""
 
     def __init__(self, embed: Runner, decoder: Runner, facts: ModelFacts, memory=None):
+        """`memory`: one shared memory (the GPU's, allocated once at the engines' limits: generations
+        take turns on it); None: fresh host memory per generation, so threads can share the loop."""
         self.embed, self.decoder, self.facts = embed, decoder, facts
-        self.memory = memory or HostMemory(decoder.spec.name, facts)
+        self.shared_memory = memory
+        self._turn = threading.Lock()
         self.positions = position_scheme(facts.positions)
+
+    @contextlib.contextmanager
+    def _memory(self):
+        if self.shared_memory is None:
+            yield HostMemory(self.decoder.spec.name, self.facts)
+            return
+        with self._turn:
+            yield self.shared_memory
 
     def prefill_logits(self, batch: Batch) -> np.ndarray:
         """One decoder pass over the prompt: logits [B, S, V] on the host."""
         b, s, _ = batch.embeds.shape
-        cache = self.memory.cache(b, s)
-        logits = self._forward(cache, self.memory.prompt_embeds(batch.embeds), batch.mask, self.positions.prefill(batch.mask))
-        return self.memory.to_host(logits)
+        with self._memory() as memory:
+            cache = memory.cache(b, s)
+            embeds = memory.prompt_embeds(batch.embeds)
+            return memory.to_host(self._forward(memory, cache, embeds, batch.mask, self.positions.prefill(batch.mask)))
 
     def tokens(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[np.ndarray]:
         """Yields the sampled token ids [B] of each step."""
+        with self._memory() as memory:
+            yield from self._tokens(memory, batch, max_new_tokens, sampler)
+
+    def _tokens(self, memory, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[np.ndarray]:
         b, s, _ = batch.embeds.shape
-        cache = self.memory.cache(b, s + max_new_tokens)
+        cache = memory.cache(b, s + max_new_tokens)
         mask = np.zeros((b, s + max_new_tokens), dtype=np.int64)  # [B, capacity]; a [B, total] prefix per step
         mask[:, :s] = batch.mask
         positions = self.positions.prefill(batch.mask)  # [B, S]
         t0 = time.perf_counter()
-        logits = self._forward(cache, self.memory.prompt_embeds(batch.embeds), mask[:, :s], positions)
+        logits = self._forward(memory, cache, memory.prompt_embeds(batch.embeds), mask[:, :s], positions)
         positions = self.positions.first_step(positions)  # [B, 1]
         for step in range(max_new_tokens):
-            ids, tokens = self.memory.choose(logits, sampler)
+            ids, tokens = memory.choose(logits, sampler)
             self._account(batch.stats, step, time.perf_counter() - t0)
             yield tokens
             if step == max_new_tokens - 1:
                 return  # the last token never needs a decoder pass
             t0 = time.perf_counter()
             mask[:, cache.length] = 1
-            embeds = self.embed.run({"input_ids": ids}, out=_out("inputs_embeds", self.memory.step_embeds(b)))
-            logits = self._forward(cache, embeds["inputs_embeds"], mask[:, : cache.length + 1], positions)
+            embeds = self.embed.run({"input_ids": ids}, out=_out("inputs_embeds", memory.step_embeds(b)))
+            logits = self._forward(memory, cache, embeds["inputs_embeds"], mask[:, : cache.length + 1], positions)
             batch.stats.graph_s += self.embed.last_run_s + self.decoder.last_run_s
             positions = self.positions.next_step(positions)
 
@@ -132,12 +150,12 @@ class DecodeLoop:
             stats.steps += 1
             stats.step_s += seconds
 
-    def _forward(self, cache, embeds, mask: np.ndarray, positions: np.ndarray):
+    def _forward(self, memory, cache, embeds, mask: np.ndarray, positions: np.ndarray):
         """One decoder pass; present is written into the cache, which then advances."""
         b, s = positions.shape[-2:]  # [B, S], or [3, B, S] for 3-D schemes
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ascontiguousarray(mask), "position_ids": positions,
                  **cache.past()}
-        out = {**_out("logits", self.memory.logits(b, s)), **cache.present(s)}
+        out = {**_out("logits", memory.logits(b, s)), **cache.present(s)}
         logits = self.decoder.run(feeds, out=out)["logits"]
         cache.advance(s)
         return logits

@@ -9,6 +9,7 @@ how the decoder writes the KV cache and logits without a copy in Python.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Mapping
@@ -81,6 +82,7 @@ class OrtRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self._local = threading.local()  # per-thread IOBinding state
         self._check_session_matches_spec(path)
 
     def _check_session_matches_spec(self, path) -> None:
@@ -128,17 +130,20 @@ class OrtRunner(Runner):
         return result
 
     def _binding(self):
-        if getattr(self, "_io", None) is None:
-            self._io, self._bound = self.session.io_binding(), {}
-        return self._io
+        """This thread's IOBinding (an InferenceSession may be run from several threads at once; a
+        binding may not: each thread binds its own buffers)."""
+        local = self._local
+        if getattr(local, "io", None) is None:
+            local.io, local.bound = self.session.io_binding(), {}
+        return local.io
 
     def _rebind(self, key: tuple, arr: np.ndarray | None) -> bool:
         """True when `arr` is not what is bound under `key` (and records it as bound)."""
         if arr is None:  # an ORT-allocated output stays bound to the last run's value: always re-bind
-            self._bound.pop(key, None)
+            self._local.bound.pop(key, None)
             return True
         sig = (arr.ctypes.data, arr.shape, arr.dtype.str)
-        if self._bound.get(key) == sig:
+        if self._local.bound.get(key) == sig:
             return False
-        self._bound[key] = sig
+        self._local.bound[key] = sig
         return True
