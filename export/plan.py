@@ -8,15 +8,17 @@ and the visual tokens each image becomes.
 Rows: LLM weights, vision encoder, projector, KV cache, activations (estimate), total; then the
 visual tokens per image size.
 
-- Families: LLaVA-1.5 (`LlavaForConditionalGeneration`: every image -> one fixed-size tile -> a
-  fixed token count) and LLaVA-NeXT (`LlavaNextForConditionalGeneration`, "anyres": a base tile
-  plus a grid of tiles chosen from `image_grid_pinpoints` by the image's size; the feature grid is
-  unpadded back to the image's aspect with one newline token per row: runtime/anyres.py, as HF's
-  processor counts). Text backbones Llama, Mistral, Qwen2, Gemma, Phi-3; towers CLIP, SigLIP, DINOv2.
+- Families: what differs between model families (the visual tokens an image of a given size
+  becomes, what the family keeps beside the projector, how its image parameters are read from the
+  sizes or a checkpoint's processor files) is asked of the runtime family class
+  (runtime/families/base.py `Family`: `visual_tokens`, `preprocess_from_sizes`,
+  `preprocess_from_checkpoint`, `plan_notes`, `projector_extras`), looked up by the family name of
+  the architecture or manifest; nothing here names a family. Text backbones Llama, Mistral, Qwen2,
+  Gemma, Phi-3; towers CLIP, SigLIP, DINOv2.
 - Weights: for a recipe or checkpoint, parameter counts from the architecture (the text model; the
   vision tower up to the vision feature layer, which is all the export keeps; the 2-layer MLP
-  projector, + `image_newline` for LLaVA-NeXT) times the dtype's bytes; for an exported artifact,
-  the sizes of the graph files the runtime loads (exact).
+  projector + the family's extras) times the dtype's bytes; for an exported artifact, the sizes of
+  the graph files the runtime loads (exact).
 - KV cache: K and V of every layer for context x batch tokens (sum over layers of 2 x kv_heads x
   head_dim x dtype bytes per token), exact. The runtime's portable `decoder` keeps TWO such buffers
   (ping-pong, runtime/kv_cache.py), `decoder_gqa` one; the second buffer is its own row. A
@@ -33,12 +35,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from vlmdeploy.runtime import anyres
+from vlmdeploy.runtime.families import family_class
+from vlmdeploy.runtime.families.base import ImageTokens, Size  # a row of the plan's visual tokens
 from vlmdeploy.runtime.manifest import KVLayer, load_manifest
 
 from .recipes import Architecture, RecipeError, find_weights, load_recipe
@@ -50,8 +53,6 @@ GB = 1e9
 DEFAULT_CONTEXT = 2048
 TEXT_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi3": "Phi-3"}
 VISION_NAMES = {"clip": "CLIP ViT", "siglip": "SigLIP ViT", "dinov2": "DINOv2 ViT"}
-
-Size = tuple[int, int]  # (height, width)
 
 
 @dataclass(frozen=True)
@@ -95,38 +96,6 @@ class Line:
     nbytes: int
     params: int | None = None
     detail: str = ""
-
-
-@dataclass(frozen=True)
-class ImageTokens:
-    """The visual tokens of one image: `tiles` vision rows (LLaVA: 1; LLaVA-NeXT: the base image +
-    a `grid` of rows x cols tiles) of `tokens_per_tile` features, i.e. `before_unpadding` features
-    out of the projector, which become `tokens` <image> tokens in the prompt (LLaVA-NeXT: the base
-    tile + the tile grid unpadded to the image's aspect + `newlines`, one per feature row)."""
-
-    size: Size | None  # (h, w) of the image; None: a typical image (`typical` says which)
-    tiles: int
-    tokens_per_tile: int
-    tokens: int
-    grid: Size | None = None
-    resolution: Size | None = None  # the pinpoint (h, w) the image is fitted into
-    newlines: int = 0
-    typical: str = ""
-
-    @property
-    def before_unpadding(self) -> int:
-        return self.tiles * self.tokens_per_tile
-
-    def label(self) -> str:
-        size = f"{self.size[0]}x{self.size[1]}" if self.size else ""
-        return f"{self.typical} ({size})" if self.typical and size else self.typical or size
-
-    def to_dict(self) -> dict:
-        return {"image_size": list(self.size) if self.size else None, "typical": self.typical or None,
-                "tiles": self.tiles, "grid": list(self.grid) if self.grid else None,
-                "resolution": list(self.resolution) if self.resolution else None,
-                "tokens_per_tile": self.tokens_per_tile, "before_unpadding": self.before_unpadding,
-                "newlines": self.newlines, "tokens": self.tokens}
 
 
 @dataclass(frozen=True)
@@ -256,12 +225,12 @@ clip_vision_params = vision_params  # the LLaVA-1.5 name
 
 
 def projector_params(a: Architecture) -> int:
-    """linear_1 (features of every feature layer -> text hidden), linear_2; LLaVA-NeXT's
-    `image_newline` vector [text hidden] is counted here too."""
+    """linear_1 (features of every feature layer -> text hidden), linear_2, and what the family
+    keeps beside them (`Family.projector_extras`, e.g. a newline vector [text hidden])."""
     n_features = len(a.vision_feature_layer) if isinstance(a.vision_feature_layer, list) else 1
     c_in, h = a.vision_hidden * n_features, a.text_hidden
     bias = 2 * h if a.projector_bias else 0
-    return c_in * h + h * h + bias + (h if a.family == "llava_next" else 0)
+    return c_in * h + h * h + bias + sum(family_class(a.family).projector_extras(h).values())
 
 
 def tower_tokens(a: Architecture) -> int:
@@ -279,72 +248,17 @@ def vision_tokens(a: Architecture) -> int:
 # Visual tokens per image
 
 
-def anyres_params(a: Architecture) -> anyres.AnyresParams:
-    """LLaVA-NeXT's anyres parameters from the sizes alone (the llava-hf processors: tiles of the
-    tower's image size, resized by the shortest edge and center-cropped)."""
-    s = a.image_size
-    return anyres.AnyresParams(
-        grid_pinpoints=a.grid_pinpoints or anyres.LLAVA_V16_PINPOINTS, crop_size=(s, s), shortest_edge=s,
-        patch_size=a.patch_size, vision_feature_select_strategy=a.vision_feature_select_strategy,
-        vision_feature_layer=a.vision_feature_layer,
-    )
-
-
-def anyres_tokens(size: Size, p: anyres.AnyresParams, typical: str = "") -> ImageTokens:
-    """One image of (h, w) pixels, as LlavaNextProcessor counts it."""
-    size = (int(size[0]), int(size[1]))
-    best = anyres.select_best_resolution(size, p.grid_pinpoints)
-    grid = anyres.grid_shape(size, p)
-    th, tw = p.tile_hw
-    features = ((th // p.patch_size) * (best[0] // th), (tw // p.patch_size) * (best[1] // tw))
-    (top, bottom), _ = anyres.unpad_bounds(size, features)
-    return ImageTokens(size, anyres.num_tiles(size, p), p.tokens_per_tile,
-                       anyres.num_image_tokens(size, p), grid, best, bottom - top, typical)
-
-
-def anyres_rule(p: anyres.AnyresParams) -> str:
-    th, tw = p.tile_hw
-    pins = ", ".join(f"{h}x{w}" for h, w in p.grid_pinpoints)
-    return (f"LLaVA-NeXT anyres: {th}x{tw} tiles of {p.tokens_per_tile:,} tokens, a base tile + the best grid of "
-            f"{pins}; the grid unpadded to the image's aspect, + 1 newline per row")
-
-
-def _visual(family: str, sizes: tuple[Size, ...], fixed: int, fixed_size: Size,
-            p: anyres.AnyresParams | None) -> tuple[tuple[ImageTokens, ...], str]:
-    """The rows for the requested sizes; with none, LLaVA-NeXT's typical image (a tile-size square,
-    as the export records `typical_tokens`) and its largest one (a pinpoint-size image: no unpadding)."""
-    if family == "llava_next":
-        if sizes:
-            rows = tuple(anyres_tokens(s, p) for s in sizes)
-        else:
-            largest = max(p.grid_pinpoints, key=lambda s: anyres.num_image_tokens(s, p))
-            rows = (anyres_tokens((p.tile_side, p.tile_side), p, "typical"), anyres_tokens(largest, p, "largest"))
-        return rows, anyres_rule(p)
-    h, w = fixed_size
-    rule = f"LLaVA: every image is resized to {h}x{w}, one tile of {fixed:,} tokens whatever its size"
-    if sizes:
-        return tuple(ImageTokens(s, 1, fixed, fixed) for s in sizes), rule
-    return (ImageTokens(None, 1, fixed, fixed, typical="any size"),), rule
-
-
 def _budget(visual: tuple[ImageTokens, ...], sizes: tuple[Size, ...]) -> ImageTokens:
     """The image the context and activations are sized for: the largest requested, else the typical."""
     return max(visual, key=lambda v: v.tokens) if sizes else visual[0]
 
 
-def _visual_notes(visual: tuple[ImageTokens, ...], budget: ImageTokens, w: "Workload") -> list[str]:
-    notes = [f"{w.images} image(s) x {budget.tokens:,} visual tokens per sequence are part of the context"
-             + (f" (the largest given size, {budget.label()})" if len(w.image_sizes) > 1
-                else f" (a {budget.size[0]}x{budget.size[1]} image)" if budget.grid else "")]
-    big = max((v for v in visual if v.grid), key=lambda v: v.tokens, default=None)
-    if big is not None:
-        notes.append(
-            f"LLaVA-NeXT at {big.size[0]}x{big.size[1]}: {big.tiles} tiles x {big.tokens_per_tile:,} = {big.before_unpadding:,} "
-            f"visual tokens before unpadding (tiles x tokens per tile, the count often quoted); HF's processor and this runtime put "
-            f"{big.tokens:,} <image> tokens in the prompt (after unpadding, incl. {big.newlines} newline tokens)")
-        if not w.image_sizes:
-            notes.append("pass --image-size HxW (repeatable) for the tokens of your images' sizes")
-    return notes
+def _visual_notes(family, visual: tuple[ImageTokens, ...], budget: ImageTokens, w: Workload) -> list[str]:
+    """The context the images take, then the family's own notes on its rows."""
+    return [f"{w.images} image(s) x {budget.tokens:,} visual tokens per sequence are part of the context"
+            + (f" (the largest given size, {budget.label()})" if len(w.image_sizes) > 1
+               else f" (a {budget.size[0]}x{budget.size[1]} image)" if budget.grid else ""),
+            *family.plan_notes(visual, bool(w.image_sizes))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +346,7 @@ class _Model:
     arch: Architecture
     source: str
     dtype: str
-    anyres: anyres.AnyresParams | None = None  # LLaVA-NeXT
+    preprocess: dict | None = None  # the family's image parameters (Family.preprocess_from_*)
 
 
 def resolve_architecture(model: str) -> tuple[Architecture, str, str]:
@@ -452,16 +366,16 @@ def _resolve(model: str) -> _Model:
         arch = recipe.architecture
         if recipe.family != arch.family:
             raise RecipeError(f"configs/{model}.yaml: family {recipe.family!r} but architecture.family {arch.family!r}")
-        return _Model(arch, f"{model} (recipe; sizes from configs/{model}.yaml)", recipe.dtype, _anyres_or_none(arch))
+        return _Model(arch, f"{model} (recipe; sizes from configs/{model}.yaml)", recipe.dtype, _from_sizes(arch))
     if recipe.random_init is not None:
         arch = Architecture.from_tiny(recipe.random_init)
-        return _Model(arch, f"{model} (recipe; random_init sizes)", recipe.dtype, _anyres_or_none(arch))
+        return _Model(arch, f"{model} (recipe; random_init sizes)", recipe.dtype, _from_sizes(arch))
     ckpt = find_weights(recipe)
     return _from_checkpoint(ckpt, f"{model} (recipe; {ckpt}/config.json)", recipe.dtype)
 
 
-def _anyres_or_none(a: Architecture) -> anyres.AnyresParams | None:
-    return anyres_params(a) if a.family == "llava_next" else None
+def _from_sizes(a: Architecture) -> dict | None:
+    return family_class(a.family).preprocess_from_sizes(a)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -481,18 +395,14 @@ def _from_checkpoint(checkpoint: Path, source: str, dtype: str) -> _Model:
         arch = Architecture.from_hf_config(config)
     except KeyError as e:
         raise RecipeError(f"{checkpoint}/config.json: not a LLaVA config (no {e.args[0]!r} in text_config/vision_config)") from None
-    if arch.family != "llava_next":
-        return _Model(arch, source, dtype)
-    # the image processor's crop/size and the processor's patch size, as the export reads them
-    image_processor = _read_json(checkpoint / "preprocessor_config.json")
-    processor = _read_json(checkpoint / "processor_config.json")
-    if image_processor is None and not (processor or {}).get("image_processor"):
-        return _Model(arch, source, dtype, anyres_params(arch))  # no processor files: the llava-hf layout
-    try:
-        params = anyres.AnyresParams.from_hf(image_processor, processor, config)
+    try:  # the family reads what it needs (processor files) as the export does
+        preprocess = family_class(arch.family).preprocess_from_checkpoint(
+            arch, config, lambda name: _read_json(checkpoint / name))
+    except RecipeError:
+        raise
     except ValueError as e:
         raise RecipeError(f"{checkpoint}: {e}") from None
-    return _Model(arch, source, dtype, params)
+    return _Model(arch, source, dtype, preprocess)
 
 
 def plan_model(model: str, dtype: str | None = None, workload: Workload = Workload(), decoder: str = PORTABLE) -> Plan:
@@ -503,7 +413,8 @@ def plan_model(model: str, dtype: str | None = None, workload: Workload = Worklo
     dtype = dtype or m.dtype
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"--dtype {dtype!r} not one of {sorted(DTYPE_BYTES)}")
-    visual, rule = _visual(arch.family, workload.image_sizes, vision_tokens(arch), (arch.image_size,) * 2, m.anyres)
+    family = family_class(arch.family)
+    visual, rule = family.visual_tokens(m.preprocess, workload.image_sizes, vision_tokens(arch), (arch.image_size,) * 2)
     budget = _budget(visual, workload.image_sizes)
     w = _fill_context(workload, arch.context_length, budget.tokens)
     nbytes, act = DTYPE_BYTES[dtype], NUMPY_DTYPES[dtype]
@@ -527,11 +438,11 @@ def plan_model(model: str, dtype: str | None = None, workload: Workload = Worklo
              f"{text}{fused}: {arch.text_layers} layers x {arch.text_hidden}, vocab {arch.vocab_size}{tied}"),
         Line("vision encoder", vis * nbytes, vis,
              f"{VISION_NAMES[arch.vision_model]} ({extras}): {kept} of {arch.vision_layers} layers x {arch.vision_hidden}"),
-        Line("projector", proj * nbytes, proj, "2-layer MLP" + (" + image_newline" if arch.family == "llava_next" else "")),
+        Line("projector", proj * nbytes, proj, " + ".join(["2-layer MLP", *family.projector_extras(arch.text_hidden)])),
         *_kv_lines(decoder, kv_layers, w, act),
         Line("activations (estimate)", act_elems * np.dtype(act).itemsize, None, "prefill peak over the whole context"),
     ]
-    notes = _visual_notes(visual, budget, w)
+    notes = _visual_notes(family, visual, budget, w)
     notes += _window_note(kv_layers, w, act)
     if dtype == "int8":
         notes.append("int8: 1 byte per weight (weight-only; scales and norms not counted), fp16 KV cache and activations")
@@ -554,11 +465,8 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     pipeline = facts.pipeline
     decoder = pipeline["decoders"][0]  # what VLM.load picks on ONNX Runtime (the first the pipeline lists)
     chain, embed = list(pipeline["image"]), pipeline["embed"]
-    p = anyres.AnyresParams.from_dict(m.preprocess) if facts.family == "llava_next" else None
-    fixed = facts.family_params.get("tokens_per_image", facts.tokens_per_image)
-    visual, rule = _visual(facts.family, workload.image_sizes, fixed, tuple(d.image_size), p)
-    if p is not None and not workload.image_sizes:  # the manifest's typical count, as exported
-        visual = (replace(visual[0], tokens=facts.tokens_per_image), *visual[1:])
+    family = family_class(facts.family)
+    visual, rule = family.visual_tokens(m.preprocess, workload.image_sizes, d.vision_tokens, tuple(d.image_size), facts)
     budget = _budget(visual, workload.image_sizes)
     w = _fill_context(workload, facts.context_length, budget.tokens)
     size = {g: _graph_bytes(m, g) for g in m.graphs}
@@ -584,7 +492,7 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     ]
     loaded = set(chain) | {embed, decoder}
     unused = sorted(g for g in m.graphs if g not in loaded)
-    notes = _visual_notes(visual, budget, w)
+    notes = _visual_notes(family, visual, budget, w)
     notes += _window_note(kv_layers, w, act)
     if unused:
         notes.append(f"also on disk, not loaded for generation: {', '.join(unused)} ({_size(sum(size[g] for g in unused))})")
@@ -610,7 +518,7 @@ def _llama_intermediate(decoder_bytes: int, d, dtype: str) -> int:
 
 def default_context(context_length: int, visual_tokens: int) -> int:
     """2048, or the visual tokens + 1024 for text rounded up to a multiple of 1024 when that is
-    more (LLaVA-NeXT: up to ~2,900 tokens per image); never more than the model's."""
+    more (a tiled image: up to ~2,900 tokens); never more than the model's."""
     wanted = max(DEFAULT_CONTEXT, math.ceil((visual_tokens + 1024) / 1024) * 1024)
     return min(wanted, context_length)
 

@@ -7,12 +7,16 @@
 A family overrides `prepare` (its HF image processor, bit-exact) and `pack` (how an item's feature
 rows become its placeholder tokens); the prompt side is the same for every LLaVA-style family:
 item i's placeholder becomes `num_tokens` image tokens, the embeddings go to those slots in order.
+
+`vlmdeploy plan` (export/plan.py) asks the family class, with no artifact loaded, how many visual
+tokens an image of a given size becomes (`visual_tokens`, built on `preprocess_from_sizes` /
+`preprocess_from_checkpoint` when there is no manifest) and what it adds beside the projector.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +24,8 @@ from ..manifest import ModelFacts
 from ..text import expand_placeholders
 
 RunGraph = Callable[[str, np.ndarray], np.ndarray]  # (graph name, its one input) -> its one output
+ReadJson = Callable[[str], "dict | None"]  # a checkpoint file's name -> its JSON, None when absent
+Size = tuple[int, int]  # (height, width)
 
 
 @dataclass
@@ -31,8 +37,43 @@ class MediaItem:
     meta: dict = field(default_factory=dict)  # family-specific (e.g. the original image size)
 
 
+@dataclass(frozen=True)
+class ImageTokens:
+    """The visual tokens of one image (a row of `vlmdeploy plan`): `tiles` vision rows (LLaVA: 1;
+    LLaVA-NeXT: the base image + a `grid` of rows x cols tiles) of `tokens_per_tile` features, i.e.
+    `before_unpadding` features out of the projector, which become `tokens` <image> tokens in the
+    prompt (LLaVA-NeXT: the base tile + the tile grid unpadded to the image's aspect + `newlines`,
+    one per feature row)."""
+
+    size: Size | None  # (h, w) of the image; None: a typical image (`typical` says which)
+    tiles: int
+    tokens_per_tile: int
+    tokens: int
+    grid: Size | None = None
+    resolution: Size | None = None  # the pinpoint (h, w) the image is fitted into
+    newlines: int = 0
+    typical: str = ""
+
+    @property
+    def before_unpadding(self) -> int:
+        return self.tiles * self.tokens_per_tile
+
+    def label(self) -> str:
+        size = f"{self.size[0]}x{self.size[1]}" if self.size else ""
+        return f"{self.typical} ({size})" if self.typical and size else self.typical or size
+
+    def to_dict(self) -> dict:
+        return {"image_size": list(self.size) if self.size else None, "typical": self.typical or None,
+                "tiles": self.tiles, "grid": list(self.grid) if self.grid else None,
+                "resolution": list(self.resolution) if self.resolution else None,
+                "tokens_per_tile": self.tokens_per_tile, "before_unpadding": self.before_unpadding,
+                "newlines": self.newlines, "tokens": self.tokens}
+
+
 class Family:
-    """Base class; subclasses set `name` and implement `prepare` (and `pack` when not a reshape)."""
+    """Base class; subclasses set `name` and implement `prepare` (and `pack` when not a reshape),
+    and `visual_tokens` for the planner (plus the other planning class methods where the defaults
+    do not fit)."""
 
     name = ""
 
@@ -70,3 +111,37 @@ class Family:
                                f"{item.num_tokens} tokens; the artifact's graphs and family parameters disagree")
         return embeds
 
+    # -- planning (`vlmdeploy plan`, export/plan.py): class methods, no artifact loaded, no torch --------
+    # `preprocess` below is the dict the manifest stores for this family (`configure`'s argument); for a
+    # recipe or a checkpoint directory the family builds it from the sizes or the processor files.
+
+    @classmethod
+    def preprocess_from_sizes(cls, arch) -> dict | None:
+        """`preprocess` from `arch`, an export/recipes.py `Architecture` (the model's sizes only), as the
+        family's usual processor would have it; None where `visual_tokens` needs none."""
+        return None
+
+    @classmethod
+    def preprocess_from_checkpoint(cls, arch, config: dict, read_json: ReadJson) -> dict | None:
+        """`preprocess` from a Hugging Face checkpoint directory: its `config.json` and
+        `read_json(file name)` for the processor files, as the export reads them. Raises ValueError
+        where they are inconsistent. Default: from the sizes."""
+        return cls.preprocess_from_sizes(arch)
+
+    @classmethod
+    def visual_tokens(cls, preprocess: dict | None, image_sizes: Sequence[Size], tile_tokens: int,
+                      tile_size: Size, facts: ModelFacts | None = None) -> tuple[tuple[ImageTokens, ...], str]:
+        """(one row per image size, the rule in one line). With no sizes: the typical image's row
+        (+ any other the family finds worth showing). `tile_tokens`/`tile_size`: the feature tokens
+        and the input (h, w) of one vision row; `facts`: the artifact's, None when planning from sizes."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan_notes(cls, rows: Sequence[ImageTokens], sized: bool) -> list[str]:
+        """Notes on the visual-token rows (`sized`: the user gave image sizes)."""
+        return []
+
+    @classmethod
+    def projector_extras(cls, text_hidden: int) -> dict[str, int]:
+        """Parameters the family keeps beside the 2-layer MLP projector (name -> count)."""
+        return {}

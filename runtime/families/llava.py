@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from ..images import ImagePreprocessor
-from .base import Family, MediaItem
+from .base import Family, ImageTokens, MediaItem
 
 
 class Llava(Family):
@@ -18,6 +18,16 @@ class Llava(Family):
 
     def prepare(self, image) -> MediaItem:
         return MediaItem(self.preprocessor([image]), self.tokens)  # [1, 3, H, W]
+
+    @classmethod
+    def visual_tokens(cls, preprocess, image_sizes, tile_tokens, tile_size, facts=None):
+        """Every image is one tile of a fixed count: the artifact's (as `configure`), else the tile's."""
+        fixed = facts.family_params.get("tokens_per_image", facts.tokens_per_image) if facts else tile_tokens
+        h, w = tile_size
+        rule = f"LLaVA: every image is resized to {h}x{w}, one tile of {fixed:,} tokens whatever its size"
+        if image_sizes:
+            return tuple(ImageTokens(tuple(s), 1, fixed, fixed) for s in image_sizes), rule
+        return (ImageTokens(None, 1, fixed, fixed, typical="any size"),), rule
 
 
 FAMILY = Llava

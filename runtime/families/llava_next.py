@@ -9,10 +9,12 @@ Preprocessing, the token count and the packing are runtime/anyres.py (bit-exact 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .. import anyres
-from .base import Family, MediaItem
+from .base import Family, ImageTokens, MediaItem
 
 
 class LlavaNext(Family):
@@ -28,6 +30,72 @@ class LlavaNext(Family):
 
     def pack(self, item: MediaItem, features: np.ndarray) -> np.ndarray:
         return anyres.pack_features(features, item.meta["image_size"], self.params, self.newline)
+
+    # -- planning -----------------------------------------------------------------------------
+
+    @classmethod
+    def preprocess_from_sizes(cls, arch) -> dict:
+        """The llava-hf processors: tiles of the tower's image size, resized by the shortest edge
+        and center-cropped; llava-v1.6's pinpoints unless the architecture gives its own."""
+        s = arch.image_size
+        return anyres.AnyresParams(
+            grid_pinpoints=arch.grid_pinpoints or anyres.LLAVA_V16_PINPOINTS, crop_size=(s, s), shortest_edge=s,
+            patch_size=arch.patch_size, vision_feature_select_strategy=arch.vision_feature_select_strategy,
+            vision_feature_layer=arch.vision_feature_layer,
+        ).to_dict()
+
+    @classmethod
+    def preprocess_from_checkpoint(cls, arch, config, read_json) -> dict:
+        """The image processor's crop/size and the processor's patch size, as the export reads them."""
+        image_processor, processor = read_json("preprocessor_config.json"), read_json("processor_config.json")
+        if image_processor is None and not (processor or {}).get("image_processor"):
+            return cls.preprocess_from_sizes(arch)  # no processor files: the llava-hf layout
+        return anyres.AnyresParams.from_hf(image_processor, processor, config).to_dict()
+
+    @classmethod
+    def visual_tokens(cls, preprocess, image_sizes, tile_tokens, tile_size, facts=None):
+        """With no sizes: the typical image (a tile-size square, as the export records
+        `typical_tokens`; an artifact's own count) and the largest (a pinpoint: no unpadding)."""
+        p = anyres.AnyresParams.from_dict(preprocess)
+        if image_sizes:
+            rows = tuple(_row(s, p) for s in image_sizes)
+        else:
+            typical = _row((p.tile_side, p.tile_side), p, "typical")
+            if facts is not None:
+                typical = replace(typical, tokens=facts.tokens_per_image)
+            largest = max(p.grid_pinpoints, key=lambda s: anyres.num_image_tokens(s, p))
+            rows = (typical, _row(largest, p, "largest"))
+        (th, tw), pins = p.tile_hw, ", ".join(f"{h}x{w}" for h, w in p.grid_pinpoints)
+        return rows, (f"LLaVA-NeXT anyres: {th}x{tw} tiles of {p.tokens_per_tile:,} tokens, a base tile + the best "
+                      f"grid of {pins}; the grid unpadded to the image's aspect, + 1 newline per row")
+
+    @classmethod
+    def plan_notes(cls, rows, sized):
+        big = max((v for v in rows if v.grid), key=lambda v: v.tokens, default=None)
+        if big is None:
+            return []
+        notes = [f"LLaVA-NeXT at {big.size[0]}x{big.size[1]}: {big.tiles} tiles x {big.tokens_per_tile:,} = "
+                 f"{big.before_unpadding:,} visual tokens before unpadding (tiles x tokens per tile, the count often "
+                 f"quoted); HF's processor and this runtime put {big.tokens:,} <image> tokens in the prompt (after "
+                 f"unpadding, incl. {big.newlines} newline tokens)"]
+        if not sized:
+            notes.append("pass --image-size HxW (repeatable) for the tokens of your images' sizes")
+        return notes
+
+    @classmethod
+    def projector_extras(cls, text_hidden):
+        return {"image_newline": text_hidden}  # [C], an artifact tensor
+
+
+def _row(size, p: anyres.AnyresParams, typical: str = "") -> ImageTokens:
+    """One image of (h, w) pixels, as LlavaNextProcessor counts it."""
+    size = (int(size[0]), int(size[1]))
+    best = anyres.select_best_resolution(size, p.grid_pinpoints)
+    th, tw = p.tile_hw
+    features = ((th // p.patch_size) * (best[0] // th), (tw // p.patch_size) * (best[1] // tw))
+    (top, bottom), _ = anyres.unpad_bounds(size, features)
+    return ImageTokens(size, anyres.num_tiles(size, p), p.tokens_per_tile, anyres.num_image_tokens(size, p),
+                       anyres.grid_shape(size, p), best, bottom - top, typical)
 
 
 FAMILY = LlavaNext
