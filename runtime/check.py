@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .dummy import bound_outputs, sample_feeds, validation_dims, with_sums
-from .manifest import ArtifactError, Manifest, load_manifest
+from .manifest import ArtifactError, Manifest, check_external_data, load_manifest
 from .backends import make_runner
 
 
@@ -36,12 +36,52 @@ def check_artifact(directory: str | Path, backend: str = "ort-cpu", tensorrt: tu
         report.add(False, f"manifest and checksums: {e}")
         return report
     report.add(True, f"manifest v{manifest.to_dict()['manifest_version']}, {len(manifest.files)} files, sha256 match")
+    _check_part(report, "external data: every weights file a graph reads is listed", check_external_data, directory, manifest)
+    _check_part(report, "model family: preprocessing parameters and tensors load", _family, directory, manifest)
+    _check_part(report, "tokenizer: loads; media and EOS token ids match it", _tokenizer, directory, manifest)
+    _check_part(report, "chat template: compiles", _template, directory, manifest)
     for name in manifest.graphs:
         _check_onnx(directory, manifest, name, report)
         _check_run(directory, manifest, name, backend, report)
     if tensorrt is not None:
         _check_tensorrt(directory, manifest, tensorrt, report)
     return report
+
+
+def _check_part(report: CheckReport, what: str, fn, directory: Path, manifest: Manifest) -> None:
+    """What `VLM.load` and a first request would do, one line each: a manifest that would fail at
+    run time fails here."""
+    try:
+        fn(directory, manifest)
+        report.add(True, what)
+    except Exception as e:  # noqa: BLE001 — every failure is a finding, reported on its line
+        report.add(False, f"{what.split(':')[0]}: {type(e).__name__}: {str(e)[:300]}")
+
+
+def _family(directory: Path, m: Manifest) -> None:
+    from .families import family_class
+
+    tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in m.model.tensors.items()}
+    family_class(m.model.family)(m.model, m.preprocess, tensors)
+
+
+def _tokenizer(directory: Path, m: Manifest) -> None:
+    from .text import TextProcessor
+
+    text = TextProcessor.from_files(directory / m.tokenizer_file, directory / m.tokenizer_config_file)
+    for kind, media in m.model.media.items():
+        got = text.token_to_id(media.placeholder)
+        if got != media.token_id:
+            raise ValueError(f"media {kind!r}: the tokenizer gives {media.placeholder!r} id {got}, the manifest {media.token_id}")
+    if text.vocab_size > m.model.dims.vocab:
+        raise ValueError(f"the tokenizer has {text.vocab_size} tokens but the decoder's vocabulary is {m.model.dims.vocab}")
+
+
+def _template(directory: Path, m: Manifest) -> None:
+    from .text import compile_chat_template
+
+    if m.chat_template_file is not None:
+        compile_chat_template((directory / m.chat_template_file).read_text())
 
 
 def _check_tensorrt(directory: Path, manifest: Manifest, request: tuple, report: CheckReport) -> None:

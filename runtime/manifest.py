@@ -237,7 +237,7 @@ def read_manifest(directory: str | Path) -> dict:
 def verify_files(directory: Path, files: dict[str, dict], checksums: bool = True) -> None:
     """Every listed file exists with its recorded size (and sha256 when `checksums`)."""
     for name, meta in files.items():
-        path = Path(directory) / name
+        path = inside(directory, name, "file")
         if not path.is_file():
             raise ArtifactError(f"{directory}: file {name} listed in the manifest is missing; re-run `vlmdeploy export`")
         size = path.stat().st_size
@@ -261,10 +261,79 @@ def load_manifest(directory: str | Path, checksums: bool = True) -> Manifest:
         manifest = Manifest.from_dict(d)
         _check_file_entries(manifest.files)
         _check_references(manifest)
+        _check_meaning(manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{directory}/{MANIFEST_NAME}: malformed manifest ({e!r}); re-run `vlmdeploy export`") from e
+    _check_paths(Path(directory), manifest)
     verify_files(Path(directory), manifest.files, checksums)
     return manifest
+
+
+def check_external_data(directory: Path, m: "Manifest") -> None:
+    """The weights files each (checksummed) graph points to are listed in 'files' too (`vlmdeploy
+    check`; loading does not import onnx, and ONNX Runtime itself refuses data outside the directory)."""
+    import onnx
+
+    for graph, file in m.graph_files.items():
+        try:
+            model = onnx.load_model(str(directory / file), load_external_data=False)
+        except Exception:  # noqa: BLE001 — not ONNX: loading the graph reports it, per graph (check) or at once (run)
+            continue
+        for tensor in model.graph.initializer:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location is not None and location not in m.files:
+                raise ArtifactError(f"{directory}: graph {graph!r} reads its weights from {location!r}, which the "
+                                    "manifest's 'files' does not list (so no checksum covers it); re-run `vlmdeploy export`")
+
+
+def _check_paths(directory: Path, m: "Manifest") -> None:
+    """Every file the artifact names is a relative path inside it (no absolute path, no '..', no
+    symlink leading out), and every file the runtime opens is listed (so checksummed)."""
+    for name in m.files:
+        inside(directory, name, "file")
+    opened = {"tokenizer_file": m.tokenizer_file, "tokenizer_config_file": m.tokenizer_config_file,
+              "chat_template_file": m.chat_template_file}
+    for what, name in opened.items():
+        if name is not None and name not in m.files:
+            raise ArtifactError(f"{directory}/{MANIFEST_NAME}: {what} {name!r} is not listed in 'files' (every file "
+                                "the runtime opens must be checksummed); re-run `vlmdeploy export`")
+
+
+def inside(directory: Path, name: str, what: str) -> Path:
+    """`directory / name`, refused unless it stays inside `directory` (after resolving symlinks)."""
+    bad = not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name
+    path = Path(directory) / str(name)
+    root = Path(directory).resolve()
+    if bad or not (path.resolve() == root or root in path.resolve().parents):
+        raise ArtifactError(f"{directory}/{MANIFEST_NAME}: {what} path {name!r} leads outside the artifact "
+                            "(an absolute path, '..' or a symlink); an artifact only opens files inside it")
+    return path
+
+
+def _check_meaning(m: "Manifest") -> None:
+    """What the runtime relies on beyond types: token ids in the vocabulary, sizes >= 1, graphs that
+    agree with the model facts."""
+    f, d = m.model, m.model.dims
+    if d.dtype not in ("float32", "float16"):
+        raise ValueError(f"dims.dtype {d.dtype!r} is not one of ['float16', 'float32']")
+    for field_name in ("hidden", "vocab", "num_layers", "kv_heads", "head_dim"):
+        value = getattr(d, field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"dims.{field_name} must be an int >= 1, got {value!r}")
+    if f.context_length < 2:
+        raise ValueError(f"context_length must be >= 2 (a prompt token and a new one), got {f.context_length}")
+    for kind, media in f.media.items():
+        if not 0 <= media.token_id < d.vocab:
+            raise ValueError(f"media {kind!r} token_id {media.token_id} is outside the vocabulary 0..{d.vocab - 1}")
+        if isinstance(media.typical_tokens, bool) or not isinstance(media.typical_tokens, int) or media.typical_tokens < 1:
+            raise ValueError(f"media {kind!r} typical_tokens must be an int >= 1, got {media.typical_tokens!r}")
+    bad_eos = [t for t in f.eos_token_ids if t >= d.vocab]
+    if bad_eos:
+        raise ValueError(f"eos_token_ids {bad_eos} are outside the vocabulary 0..{d.vocab - 1}")
+    for name in f.pipeline["decoders"]:
+        vocab = m.graphs[name].outputs[0].shape[-1]
+        if vocab != d.vocab:
+            raise ValueError(f"graph {name!r} gives logits over {vocab} tokens but dims.vocab is {d.vocab}")
 
 
 def _check_references(m: "Manifest") -> None:

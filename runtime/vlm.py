@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import jinja2
 import numpy as np
 
 from .backends import make_runner
@@ -51,7 +52,11 @@ class VLM:
         self.directory, self.manifest, self.backend, self.threads = directory, manifest, backend, threads
         self.facts = manifest.model
         tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in self.facts.tensors.items()}
-        self.family = family_class(self.facts.family)(self.facts, manifest.preprocess, tensors)
+        try:
+            self.family = family_class(self.facts.family)(self.facts, manifest.preprocess, tensors)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{directory}: the {self.facts.family} family cannot use this manifest's "
+                                f"preprocess/tensors ({e}); re-run `vlmdeploy export`") from None
         self.text = TextProcessor.from_files(
             directory / manifest.tokenizer_file, directory / manifest.tokenizer_config_file
         )
@@ -134,7 +139,12 @@ class VLM:
         if self.chat_template is None:
             raise PromptError(f"{self.directory} has no chat template; use generate() with a raw prompt")
         images, plain = _split_images(messages)
-        return render_chat_template(self.chat_template, plain, add_generation_prompt=True, **self.text.special_tokens), images
+        try:
+            prompt = render_chat_template(self.chat_template, plain, add_generation_prompt=True, **self.text.special_tokens)
+        except jinja2.TemplateSyntaxError as e:
+            raise ArtifactError(f"{self.directory}: the chat template does not compile (line {e.lineno}: {e.message}); "
+                                "fix chat_template.jinja or re-export") from None
+        return prompt, images
 
     # ---- internals --------------------------------------------------------------------------
 
