@@ -20,15 +20,17 @@ from vlmdeploy.runtime.manifest import Manifest, check_export_target, describe_f
 from vlmdeploy.runtime.spec import GraphSpec
 
 from . import decoder_gqa, onnx_export, registry
+from .components import ExportError
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
 from .quantize import SCHEMES, quantize_graph
-from .recipes import RecipeError, find_weights, load_recipe
+from .recipes import RecipeError, find_weights, load_recipe, recipe_names
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
 # Graphs an artifact can do without (the runtime falls back to the portable decoder): a failure to
 # build or validate one is logged in one line and the export goes on.
 OPTIONAL_GRAPHS = ("decoder_gqa",)
 DEFAULT_OPSET = 18
+MIN_OPSET, MAX_OPSET = 18, 23
 
 
 class Progress:
@@ -50,9 +52,12 @@ class Source:
 
 @contextlib.contextmanager
 def resolve_source(model: str, dtype: str | None):
-    """A checkpoint directory for `--model NAME_OR_DIR`; random-init recipes are built in a temp dir."""
+    """A checkpoint directory for `--model NAME_OR_DIR`; random-init recipes are built in a temp dir.
+    A bare recipe name means the recipe even when the working directory has a folder of that name
+    (write `./shapes` for the folder)."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    bare_recipe = os.sep not in model and not model.startswith(".") and model in recipe_names()
+    if path.is_dir() and not bare_recipe:
         yield Source(path, None, dtype or "fp32")
         return
     if os.sep in model or model.startswith("."):
@@ -74,6 +79,9 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, opset: i
     log = log or Progress()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise RecipeError(f"--opset {opset!r} not supported; allowed: {MIN_OPSET}..{MAX_OPSET} (torch.onnx's dynamo "
+                          "exporter and the decoder_gqa builder need at least 18)")
     if quantize is not None and quantize not in SCHEMES:
         raise RecipeError(f"--quantize {quantize!r} not one of {sorted(SCHEMES)}")
     check_export_target(Path(out))  # before minutes of work
@@ -135,11 +143,29 @@ def _load(src: Source, log):
     family = registry.family_for(config)
     log(f"loading {config.architectures[0]} weights")
     model_cls = family.model_class()  # family: an export/family.py LlavaStyleExport
-    model = model_cls.from_pretrained(src.checkpoint, dtype=getattr(torch, TORCH_DTYPES[src.dtype]), attn_implementation="sdpa")
+    _check_weight_files(src.checkpoint)
+    try:
+        model = model_cls.from_pretrained(src.checkpoint, dtype=getattr(torch, TORCH_DTYPES[src.dtype]),
+                                          attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001 — safetensors, torch and transformers each raise their own types
+        raise ExportError(f"{src.checkpoint}: cannot read the weights ({type(e).__name__}: {str(e)[:300]}); "
+                          "the files are truncated, corrupt or do not match config.json") from e
     model.eval()
     files = read_processor_files(src.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(src.checkpoint)
     return family, model, files, tokenizer
+
+
+def _check_weight_files(checkpoint: Path) -> None:
+    """Safetensors only: a pickle (`*.bin`, `*.pt`) can run code when it is loaded."""
+    if any(checkpoint.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in checkpoint.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ExportError(f"{checkpoint} has weights only as pickles ({', '.join(pickles[:3])}), which can run code when "
+                          "loaded; vlmdeploy reads safetensors. Convert them first (e.g. load with transformers and "
+                          "`save_pretrained(..., safe_serialization=True)` in a sandbox you trust)")
+    raise ExportError(f"{checkpoint} has no *.safetensors weights")
 
 
 def _export_one(family, model, facts, name, spec, modules, path: Path, opset: int) -> dict:

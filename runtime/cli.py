@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .images import ImageError
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `vlmdeploy run ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    except OSError as e:  # e.g. stdout on a full disk
+        print(f"vlmdeploy {args.command}: error: {e.strerror or e} ({type(e).__name__})", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +91,10 @@ def _export(args) -> int:
         export_model(args.model, args.out, dtype=args.dtype, opset=args.opset, quantize=args.quantize)
     except (RecipeError, ExportError) as e:
         print(f"vlmdeploy export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full disk: the previous artifact, if any, is untouched
+        print(f"vlmdeploy export: error: cannot write {args.out}: {e.strerror or e} ({type(e).__name__}); "
+              "nothing was replaced", file=sys.stderr)
         return 2
     return 0
 

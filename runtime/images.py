@@ -127,6 +127,9 @@ def _opener(source: Any):
         if len(data) > MAX_FILE_BYTES:
             raise ImageError(f"<{len(data)} bytes> is over the budget of {MAX_FILE_BYTES:,} bytes per image")
         return f"<{len(data)} bytes>", lambda: _pil_open(data)
+    if isinstance(source, str) and source.split("://", 1)[0].lower() in ("http", "https", "ftp", "s3", "gs"):
+        raise ImageError(f"{source[:80]} is a URL; vlmdeploy does not fetch images from the network. Download it and "
+                         "give the file's path or bytes")
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         return path, lambda: _open_path(path)

@@ -262,7 +262,7 @@ def load_manifest(directory: str | Path, checksums: bool = True) -> Manifest:
         _check_file_entries(manifest.files)
         _check_references(manifest)
         _check_meaning(manifest)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (LookupError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{directory}/{MANIFEST_NAME}: malformed manifest ({e!r}); re-run `vlmdeploy export`") from e
     _check_paths(Path(directory), manifest)
     verify_files(Path(directory), manifest.files, checksums)

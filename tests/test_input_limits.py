@@ -107,3 +107,87 @@ def test_exif_orientation_as_transformers(tiny, vlm, tmp_path):
     assert load_image(opened).size == (451, 300) and load_image(path).size == (300, 451)
     hf = tiny.processor.image_processor(opened, return_tensors="np")["pixel_values"][0]
     assert np.array_equal(vlm.family.prepare(load_image(opened)).pixels[0], hf)
+
+
+# ---- export and CLI errors --------------------------------------------------------------------
+
+def test_image_urls_are_not_fetched():
+    with pytest.raises(ImageError, match="is a URL; vlmdeploy does not fetch images"):
+        load_image("https://example.com/cat.jpg")
+
+
+@pytest.mark.parametrize("opset", [-1, 0, 17, 99, "18"])
+def test_opset_outside_the_supported_range(opset, tmp_path):
+    from vlmdeploy.export.exporter import export_model
+    from vlmdeploy.export.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match=r"--opset .* not supported; allowed: 18\.\.23"):
+        export_model("tiny", tmp_path / "out", opset=opset)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
+    from vlmdeploy.export.exporter import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    with resolve_source("shapes", None) as src:
+        assert src.recipe == "shapes" and src.checkpoint.name == "shapes" and src.checkpoint != tmp_path / "shapes"
+    with pytest.raises(Exception, match="config.json"):  # ./shapes means the folder
+        with resolve_source("./shapes", None) as src:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(src.checkpoint)
+
+
+def _checkpoint_copy(tiny, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny.checkpoint, ckpt)
+    return ckpt
+
+
+def test_pickle_weights_are_refused(tiny, tmp_path):
+    from vlmdeploy.export.components import ExportError
+    from vlmdeploy.export.exporter import export_model
+
+    ckpt = _checkpoint_copy(tiny, tmp_path)
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    with pytest.raises(ExportError, match=r"weights only as pickles \(pytorch_model.bin\)"):
+        export_model(str(ckpt), tmp_path / "out", log=lambda m: None)
+
+
+def test_truncated_safetensors_is_one_line(tiny, tmp_path):
+    from vlmdeploy.export.components import ExportError
+    from vlmdeploy.export.exporter import export_model
+
+    ckpt = _checkpoint_copy(tiny, tmp_path)
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="cannot read the weights") as e:
+        export_model(str(ckpt), tmp_path / "out", log=lambda m: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_export_to_a_full_disk_is_one_line(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from vlmdeploy.export import exporter
+    from vlmdeploy.runtime.cli import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exporter, "export_model", full)
+    assert main(["export", "--model", "tiny", "--out", str(tmp_path / "out")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_output_to_a_closed_pipe_is_quiet(tiny):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vlmdeploy.runtime.cli", "run", str(tiny.artifact), "--prompt", "hi",
+           "--max-new-tokens", "300", "--ignore-eos"]
+    p = subprocess.run(["bash", "-c", " ".join(f"'{c}'" for c in cmd) + " | head -c 1"], capture_output=True,
+                       text=True, timeout=120)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
