@@ -14,7 +14,7 @@ MODEL_PATH ?=
 
 EXPORT_MODEL := $(if $(MODEL_PATH),$(MODEL_PATH),$(MODEL))
 
-.PHONY: setup setup-runtime export run check demo test bench clean train-shapes eval-shapes plan
+.PHONY: setup setup-runtime export run check demo test fuzz bench clean train-shapes eval-shapes plan
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ plan:
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# The fuzzing suite with many more examples per property than `make test` runs (random seed each run).
+fuzz: setup
+	VLMDEPLOY_FUZZ=long $(VENV)/bin/pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 # Speed side by side (HF eager, onnxruntime-genai, this runtime fp32/int8/int4) on the bench recipe;
 # method and latest table in docs/PERFORMANCE.md. First run builds and exports (~10 min).
