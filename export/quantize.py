@@ -21,6 +21,9 @@ ACCURACY_LEVEL = 4
 
 def quantize_graph(path: Path, scheme: str) -> dict:
     """Rewrite the graph at `path` (external data beside it) with quantized MatMul weights."""
+    from vlmdeploy.runtime.offline import import_onnxruntime
+
+    import_onnxruntime()  # telemetry off before onnxruntime's first import
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # one line per node

@@ -30,7 +30,7 @@ _warned = False
 def disable_onnxruntime_telemetry() -> None:
     """Set the switch for this process and the processes it starts; must run before onnxruntime is
     first imported (anywhere in the process) to have any effect. Overrides ORT_DISABLE_TELEMETRY=0."""
-    pass  # BROKEN ON PURPOSE
+    os.environ[TELEMETRY_ENV] = "1"
 
 
 def telemetry_store_open() -> bool | None:

@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .offline import import_onnxruntime
 from .spec import GraphSpec, SpecError
 
 class Runner:
@@ -75,7 +76,7 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | Path, spec: GraphSpec, threads: int | None = None, providers: list | None = None):
         super().__init__(spec)
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = check_threads(threads) or default_threads()

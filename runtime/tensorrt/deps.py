@@ -43,7 +43,9 @@ def tensorrt_version() -> str | None:
 
 
 def require_ort_provider(provider: str, backend: str) -> None:
-    import onnxruntime as ort
+    from ..offline import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     available = ort.get_available_providers()
     if provider not in available:
