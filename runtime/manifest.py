@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .spec import GraphSpec, ModelDims
+from .spec import GraphSpec, ModelDims, is_int, is_name, require
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vlmdeploy-artifact"
@@ -41,6 +41,10 @@ class KVLayer:
     head_dim: int
     window: int | None = None
 
+    def __post_init__(self):
+        require(is_int(self.kv_heads, 1) and is_int(self.head_dim, 1) and (self.window is None or is_int(self.window, 1)),
+                f"a kv_layers entry needs ints kv_heads, head_dim >= 1 and window None or >= 1, got {self!r}")
+
 
 @dataclass(frozen=True)
 class MediaKind:
@@ -50,6 +54,11 @@ class MediaKind:
     placeholder: str
     token_id: int
     typical_tokens: int  # tokens of a typical item (planner and TensorRT profile `opt`), not a limit
+
+    def __post_init__(self):
+        require(is_name(self.placeholder), f"a media placeholder must be a non-empty string, got {self.placeholder!r}")
+        require(is_int(self.token_id), f"media token_id must be an int >= 0, got {self.token_id!r}")
+        require(is_int(self.typical_tokens, 1), f"media typical_tokens must be an int >= 1, got {self.typical_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ class ModelFacts:
     limits: Mapping[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_types()
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.eos_token_ids):
             raise ValueError(f"eos_token_ids must be a list of token ids (ints >= 0), got {list(self.eos_token_ids)!r}")
         if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
@@ -87,6 +97,23 @@ class ModelFacts:
             raise ValueError(f"positions {self.positions!r} not one of {POSITION_SCHEMES}")
         if len(self.kv_layers) != self.dims.num_layers:
             raise ValueError(f"kv_layers has {len(self.kv_layers)} entries but the decoder has {self.dims.num_layers} layers")
+
+    def _check_types(self) -> None:
+        require(is_name(self.family), f"family must be a non-empty string, got {self.family!r}")
+        require(isinstance(self.family_params, Mapping), f"family_params must be an object, got {self.family_params!r}")
+        require(isinstance(self.media, Mapping) and "image" in self.media and all(isinstance(m, MediaKind) for m in self.media.values()),
+                "media must map kinds (at least 'image') to {placeholder, token_id, typical_tokens}")
+        require(is_int(self.context_length, low=-(2**63)), f"context_length must be an int, got {self.context_length!r}")
+        require(all(t is None or isinstance(t, str) for t in (self.bos_token, self.eos_token)),
+                "bos_token and eos_token must be strings or null")
+        p = self.pipeline
+        require(isinstance(p, Mapping) and isinstance(p.get("image"), list) and all(map(is_name, p["image"]))
+                and is_name(p.get("embed")) and isinstance(p.get("decoders"), list) and all(map(is_name, p["decoders"])),
+                f"pipeline must be {{image: [graph names], embed: graph name, decoders: [graph names]}}, got {p!r}")
+        require(isinstance(self.tensors, Mapping) and all(is_name(k) and is_name(v) for k, v in self.tensors.items()),
+                f"tensors must map names to .npy files, got {self.tensors!r}")
+        require(isinstance(self.limits, Mapping) and all(v is None or is_int(v) for v in self.limits.values()),
+                f"limits must map dim names to ints >= 0 or null, got {self.limits!r}")
 
     # LLaVA-style shorthands (one image kind)
     @property
@@ -114,6 +141,12 @@ class ModelFacts:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
+        require(isinstance(d.get("dims"), dict) and isinstance(d["dims"].get("image_size"), list),
+                "dims must be an object with image_size [height, width]")
+        require(isinstance(d.get("media"), dict) and all(isinstance(v, dict) for v in d["media"].values()),
+                "media must map kinds to objects")
+        require(isinstance(d.get("kv_layers"), list) and all(isinstance(k, dict) for k in d["kv_layers"]),
+                "kv_layers must be a list of {kv_heads, head_dim, window}")
         dims = dict(d["dims"], image_size=tuple(d["dims"]["image_size"]))
         if not isinstance(d["eos_token_ids"], list):
             raise ValueError(f"eos_token_ids must be a list of token ids, got {d['eos_token_ids']!r}")
@@ -175,6 +208,13 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        require(isinstance(d.get("graphs"), dict) and all(isinstance(g, dict) and is_name(g.get("file"))
+                                                          for g in d["graphs"].values()),
+                "graphs must map names to {file, spec}")
+        require(isinstance(d.get("preprocess"), dict), f"preprocess must be an object, got {d.get('preprocess')!r}")
+        require(is_name(d.get("tokenizer_file")) and is_name(d.get("tokenizer_config_file"))
+                and (d.get("chat_template_file") is None or is_name(d["chat_template_file"])),
+                "tokenizer_file and tokenizer_config_file must be file names, chat_template_file a file name or null")
         return cls(
             model=ModelFacts.from_dict(d["model"]),
             graphs={n: GraphSpec.from_dict(g["spec"]) for n, g in d["graphs"].items()},
@@ -314,19 +354,11 @@ def _check_meaning(m: "Manifest") -> None:
     """What the runtime relies on beyond types: token ids in the vocabulary, sizes >= 1, graphs that
     agree with the model facts."""
     f, d = m.model, m.model.dims
-    if d.dtype not in ("float32", "float16"):
-        raise ValueError(f"dims.dtype {d.dtype!r} is not one of ['float16', 'float32']")
-    for field_name in ("hidden", "vocab", "num_layers", "kv_heads", "head_dim"):
-        value = getattr(d, field_name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"dims.{field_name} must be an int >= 1, got {value!r}")
     if f.context_length < 2:
         raise ValueError(f"context_length must be >= 2 (a prompt token and a new one), got {f.context_length}")
     for kind, media in f.media.items():
         if not 0 <= media.token_id < d.vocab:
             raise ValueError(f"media {kind!r} token_id {media.token_id} is outside the vocabulary 0..{d.vocab - 1}")
-        if isinstance(media.typical_tokens, bool) or not isinstance(media.typical_tokens, int) or media.typical_tokens < 1:
-            raise ValueError(f"media {kind!r} typical_tokens must be an int >= 1, got {media.typical_tokens!r}")
     bad_eos = [t for t in f.eos_token_ids if t >= d.vocab]
     if bad_eos:
         raise ValueError(f"eos_token_ids {bad_eos} are outside the vocabulary 0..{d.vocab - 1}")

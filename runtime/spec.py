@@ -24,6 +24,20 @@ class SpecError(ValueError):
     """A feed does not match a graph's spec; the message names the tensor, the shape and what is allowed."""
 
 
+def require(ok: bool, message: str) -> None:
+    """The manifest's type layer: every dataclass read from JSON checks its fields with this."""
+    if not ok:
+        raise TypeError(message)
+
+
+def is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_name(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -31,8 +45,11 @@ class TensorSpec:
     shape: tuple[Dim, ...]
 
     def __post_init__(self):
+        require(is_name(self.name), f"a tensor name must be a non-empty string, got {self.name!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"tensor {self.name}: dtype {self.dtype!r} not one of {sorted(DTYPES)}")
+        require(all(is_int(d) or is_name(d) for d in self.shape),
+                f"tensor {self.name}: shape {list(self.shape)!r} must hold ints >= 0 and dim names")
 
     @property
     def np_dtype(self) -> type:
@@ -49,6 +66,7 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
+        require(isinstance(d.get("shape"), list), f"tensor {d.get('name')!r}: shape must be a list, got {d.get('shape')!r}")
         return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
 
@@ -58,6 +76,14 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dim_sums: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # total -> (past, seq)
+
+    def __post_init__(self):
+        require(is_name(self.name), f"a graph name must be a non-empty string, got {self.name!r}")
+        require(all(isinstance(t, TensorSpec) for t in (*self.inputs, *self.outputs)) and bool(self.outputs),
+                f"graph {self.name!r}: inputs and outputs must be tensor specs (at least one output)")
+        require(all(is_name(k) and isinstance(v, tuple) and len(v) == 2 and all(map(is_name, v))
+                    for k, v in self.dim_sums.items()),
+                f"graph {self.name!r}: dim_sums must map a dim name to two dim names, got {dict(self.dim_sums)!r}")
 
     @property
     def input_names(self) -> list[str]:
@@ -138,7 +164,7 @@ class GraphSpec:
             name=d["name"],
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-            dim_sums={k: tuple(v) for k, v in d.get("dim_sums", {}).items()},
+            dim_sums={k: tuple(v) if isinstance(v, list) else v for k, v in d.get("dim_sums", {}).items()},
         )
 
 
@@ -162,6 +188,13 @@ class ModelDims:
     kv_heads: int
     head_dim: int
     dtype: str  # float dtype of activations: float32 | float16
+
+    def __post_init__(self):
+        require(isinstance(self.image_size, tuple) and len(self.image_size) == 2 and all(is_int(v, 1) for v in self.image_size),
+                f"dims.image_size must be [height, width], got {self.image_size!r}")
+        for name in ("vision_tokens", "vision_hidden", "hidden", "vocab", "num_layers", "kv_heads", "head_dim"):
+            require(is_int(getattr(self, name), 1), f"dims.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        require(self.dtype in ("float32", "float16"), f"dims.dtype {self.dtype!r} is not one of ['float16', 'float32']")
 
 
 def llava_graph_specs(m: ModelDims) -> dict[str, GraphSpec]:
