@@ -107,9 +107,9 @@ class ModelFacts:
         require(all(t is None or isinstance(t, str) for t in (self.bos_token, self.eos_token)),
                 "bos_token and eos_token must be strings or null")
         p = self.pipeline
-        require(isinstance(p, Mapping) and isinstance(p.get("image"), list) and all(map(is_name, p["image"]))
+        require(isinstance(p, Mapping) and isinstance(p.get("image"), list) and p["image"] and all(map(is_name, p["image"]))
                 and is_name(p.get("embed")) and isinstance(p.get("decoders"), list) and all(map(is_name, p["decoders"])),
-                f"pipeline must be {{image: [graph names], embed: graph name, decoders: [graph names]}}, got {p!r}")
+                f"pipeline must be {{image: [graph names, at least one], embed: graph name, decoders: [graph names]}}, got {p!r}")
         require(isinstance(self.tensors, Mapping) and all(is_name(k) and is_name(v) for k, v in self.tensors.items()),
                 f"tensors must map names to .npy files, got {self.tensors!r}")
         require(isinstance(self.limits, Mapping) and all(v is None or is_int(v) for v in self.limits.values()),

@@ -84,6 +84,9 @@ class GraphSpec:
         require(all(is_name(k) and isinstance(v, tuple) and len(v) == 2 and all(map(is_name, v))
                     for k, v in self.dim_sums.items()),
                 f"graph {self.name!r}: dim_sums must map a dim name to two dim names, got {dict(self.dim_sums)!r}")
+        known = {d for t in self.inputs for d in t.shape if isinstance(d, str)} | set(self.dim_sums)
+        unknown = sorted({d for t in self.outputs for d in t.shape if isinstance(d, str)} - known)
+        require(not unknown, f"graph {self.name!r}: output dims {unknown} are set by no input (nor by dim_sums)")
 
     @property
     def input_names(self) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..manifest import ModelFacts
+from ..manifest import ArtifactError, ModelFacts
 from ..text import expand_placeholders
 
 RunGraph = Callable[[str, np.ndarray], np.ndarray]  # (graph name, its one input) -> its one output
@@ -107,7 +107,7 @@ class Family:
 
     def _checked(self, item: MediaItem, embeds: np.ndarray) -> np.ndarray:
         if embeds.shape[0] != item.num_tokens:
-            raise RuntimeError(f"{self.name}: an image gave {embeds.shape[0]} embeddings but its prompt holds "
+            raise ArtifactError(f"{self.name}: an image gave {embeds.shape[0]} embeddings but its prompt holds "
                                f"{item.num_tokens} tokens; the artifact's graphs and family parameters disagree")
         return embeds
 

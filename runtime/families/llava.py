@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from ..images import ImagePreprocessor
+from ..spec import is_int
 from .base import Family, ImageTokens, MediaItem
 
 
@@ -15,6 +16,8 @@ class Llava(Family):
     def configure(self, preprocess: dict) -> None:
         self.preprocessor = ImagePreprocessor.from_dict(preprocess)
         self.tokens = self.facts.family_params.get("tokens_per_image", self.facts.tokens_per_image)
+        if not is_int(self.tokens, 1):
+            raise ValueError(f"family_params.tokens_per_image must be an int >= 1, got {self.tokens!r}")
 
     def prepare(self, image) -> MediaItem:
         return MediaItem(self.preprocessor([image]), self.tokens)  # [1, 3, H, W]
