@@ -362,6 +362,9 @@ def _check_meaning(m: "Manifest") -> None:
     bad_eos = [t for t in f.eos_token_ids if t >= d.vocab]
     if bad_eos:
         raise ValueError(f"eos_token_ids {bad_eos} are outside the vocabulary 0..{d.vocab - 1}")
+    for name, spec in m.graphs.items():
+        if spec.undetermined_output_dims():
+            raise ValueError(f"graph {name!r}: output dims {spec.undetermined_output_dims()} are set by no input")
     for name in f.pipeline["decoders"]:
         vocab = m.graphs[name].outputs[0].shape[-1]
         if vocab != d.vocab:

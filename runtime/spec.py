@@ -84,9 +84,6 @@ class GraphSpec:
         require(all(is_name(k) and isinstance(v, tuple) and len(v) == 2 and all(map(is_name, v))
                     for k, v in self.dim_sums.items()),
                 f"graph {self.name!r}: dim_sums must map a dim name to two dim names, got {dict(self.dim_sums)!r}")
-        known = {d for t in self.inputs for d in t.shape if isinstance(d, str)} | set(self.dim_sums)
-        unknown = sorted({d for t in self.outputs for d in t.shape if isinstance(d, str)} - known)
-        require(not unknown, f"graph {self.name!r}: output dims {unknown} are set by no input (nor by dim_sums)")
 
     @property
     def input_names(self) -> list[str]:
@@ -149,6 +146,11 @@ class GraphSpec:
                     f"graph {self.name!r}: {total}={dims[total]} but it must equal {a} + {b} = "
                     f"{dims[a]} + {dims[b]} (e.g. attention_mask length = past length + new tokens)"
                 )
+
+    def undetermined_output_dims(self) -> list[str]:
+        """Output dim names no input (nor dim_sums) sets: a runtime cannot size those outputs."""
+        known = {d for t in self.inputs for d in t.shape if isinstance(d, str)} | set(self.dim_sums)
+        return sorted({d for t in self.outputs for d in t.shape if isinstance(d, str)} - known)
 
     def output_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.concrete_shape(dims) for t in self.outputs}
