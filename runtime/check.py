@@ -40,6 +40,8 @@ def check_artifact(directory: str | Path, backend: str = "ort-cpu", tensorrt: tu
     _check_part(report, "model family: preprocessing parameters and tensors load", _family, directory, manifest)
     _check_part(report, "tokenizer: loads; media and EOS token ids match it", _tokenizer, directory, manifest)
     _check_part(report, "chat template: compiles", _template, directory, manifest)
+    _check_part(report, "media: an image through the family and the image graphs gives its prompt tokens", _media,
+                directory, manifest)
     for name in manifest.graphs:
         _check_onnx(directory, manifest, name, report)
         _check_run(directory, manifest, name, backend, report)
@@ -63,6 +65,28 @@ def _family(directory: Path, m: Manifest) -> None:
 
     tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in m.model.tensors.items()}
     family_class(m.model.family)(m.model, m.preprocess, tensors)
+
+
+def _media(directory: Path, m: Manifest) -> None:
+    """One synthetic image, prepared by the family and run through the pipeline's image graphs (ONNX
+    Runtime, CPU): the embeddings it yields must fill exactly the tokens its placeholder becomes."""
+    from PIL import Image
+
+    from .families import family_class
+    from .runners import OrtRunner
+
+    tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in m.model.tensors.items()}
+    family = family_class(m.model.family)(m.model, m.preprocess, tensors)
+    runners = {g: OrtRunner(directory / m.graph_files[g], m.graphs[g], threads=1) for g in m.model.pipeline["image"]}
+
+    def run(graph, x):
+        spec = m.graphs[graph]
+        return runners[graph].run({spec.input_names[0]: x})[spec.output_names[0]]
+
+    item = family.prepare(Image.new("RGB", (64, 48), (120, 80, 40)))
+    (embeds,) = family.embed_media([item], run)
+    if embeds.shape[-1] != m.model.dims.hidden:
+        raise ValueError(f"image embeddings have width {embeds.shape[-1]}, the decoder's hidden size is {m.model.dims.hidden}")
 
 
 def _tokenizer(directory: Path, m: Manifest) -> None:

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from PIL import Image
 
 from vlmdeploy.runtime.check import check_artifact
 from vlmdeploy.runtime.manifest import ArtifactError, describe_files
@@ -118,3 +119,17 @@ def test_run_time_errors_are_one_line_artifact_errors(art):
     _edit(art, lambda m: m["preprocess"].update(image_std=[0.0, 0.5, 0.5]))
     with pytest.raises(ArtifactError, match="the llava family cannot use this manifest's preprocess"):
         VLM.load(art)
+
+
+def test_wrong_tokens_per_image_fails_check_and_run(art):
+    _edit(art, lambda m: m["model"]["family_params"].update(tokens_per_image=17))  # the vision graph gives 16
+    report = check_artifact(art)
+    assert any(line.startswith("media:") and "gave 16 embeddings but its prompt holds 17 tokens" in line
+               for line in report.failed), report.failed
+    with pytest.raises(ArtifactError, match="gave 16 embeddings but its prompt holds 17 tokens"):
+        VLM.load(art).generate("<image>", [Image.new("RGB", (20, 20))], max_new_tokens=1)
+
+
+def test_asking_for_a_graph_that_is_not_a_decoder(tiny):
+    with pytest.raises(ArtifactError, match=r"has no decoder graph 'vision'; its decoders are \['decoder_gqa', 'decoder'\]"):
+        VLM.load(tiny.artifact, decoder="vision")
