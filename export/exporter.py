@@ -174,14 +174,15 @@ def _export_one(family, model, facts, name, spec, modules, path: Path, opset: in
     rng = np.random.default_rng(0)
 
     def feeds_at(dims):
-        return sample_feeds(spec, dims, facts, rng)
+        return family.sample_feeds(name, spec, dims, facts, rng)
 
     module = modules[name]
     with family.export_context(module, name):
         onnx_export.export_graph(module, spec, feeds_at(export_dims(spec)), path, opset)
     reference = family.reference(model, name, module, spec)
     valid = functools.partial(family.valid_positions, name)
-    return onnx_export.validate_graph(path, spec, reference, feeds_at, validation_dims(spec), facts.dims.dtype, valid)
+    return onnx_export.validate_graph(path, spec, reference, feeds_at, family.validation_dims(name, spec),
+                                      facts.dims.dtype, valid)
 
 
 def _drop_graph(tmp: Path, name: str, specs: dict) -> None:

@@ -128,6 +128,18 @@ class LlavaStyleExport:
         hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         return c.select_features(hidden, layers, cfg.vision_feature_select_strategy)
 
+    def validation_dims(self, name: str, spec: GraphSpec) -> list[dict]:
+        """The dims graph `name` is validated at after export."""
+        from vlmdeploy.runtime.dummy import validation_dims
+
+        return validation_dims(spec)
+
+    def sample_feeds(self, name: str, spec: GraphSpec, dims: dict, facts: ModelFacts, rng) -> dict:
+        """Validation inputs for graph `name` at `dims` (random, by role: runtime/dummy.py)."""
+        from vlmdeploy.runtime.dummy import sample_feeds
+
+        return sample_feeds(spec, dims, facts, rng)
+
     def reference(self, model, graph: str, module: nn.Module, spec: GraphSpec):
         from .onnx_export import torch_reference
 

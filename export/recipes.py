@@ -44,9 +44,12 @@ class TinyConfig:
     sliding_window: int | None = None  # mistral
     longrope_original: int | None = None  # phi3: LongRoPE with this original_max_position_embeddings
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # llava_next; default: 1x2, 2x1, 2x2 tiles
+    min_pixels: int = 56 * 56  # qwen2_vl / qwen2_5_vl: the image processor's pixel bounds
+    max_pixels: int = 28 * 28 * 64
+    window_size: int = 56  # qwen2_5_vl: the vision window side in pixels
 
     def __post_init__(self):
-        allowed = {"family": ("llava", "llava_next"), "text_model": ("llama", "mistral", "qwen2", "gemma", "phi3"),
+        allowed = {"family": ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), "text_model": ("llama", "mistral", "qwen2", "gemma", "phi3"),
                    "vision_model": ("clip", "siglip", "dinov2")}
         for name, options in allowed.items():
             if getattr(self, name) not in options:
@@ -123,7 +126,7 @@ class Architecture:
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
-        allowed = {"family": ("llava", "llava_next"), "text_model": tuple(_TEXT_DEFAULTS),
+        allowed = {"family": ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), "text_model": tuple(_TEXT_DEFAULTS),
                    "vision_model": ("clip", "siglip", "dinov2")}
         for name, options in allowed.items():
             if getattr(self, name) not in options:

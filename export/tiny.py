@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .recipes import TinyConfig
-from .tiny_tokenizer import LLAVA_CHAT_TEMPLATE, build_tiny_tokenizer
+from .tiny_tokenizer import LLAVA_CHAT_TEMPLATE, QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -112,9 +112,71 @@ def tiny_processor(cfg: TinyConfig, tokenizer):
     )
 
 
+def _mrope_section(head_dim: int) -> list[int]:
+    """Rotary pairs per axis (temporal, height, width) in Qwen2-VL's proportions (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def qwen_vl_config(cfg: TinyConfig, tokenizer):
+    import transformers
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    head_dim = cfg.text_hidden // cfg.text_heads
+    text = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=cfg.context_length,
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                initializer_range=0.1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)})
+    common = dict(depth=cfg.vision_layers, num_heads=cfg.vision_heads, patch_size=cfg.patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
+    if cfg.family == "qwen2_5_vl":
+        vision = dict(common, hidden_size=cfg.vision_hidden, out_hidden_size=cfg.text_hidden,
+                      intermediate_size=cfg.vision_intermediate or 2 * cfg.vision_hidden, window_size=cfg.window_size,
+                      fullatt_block_indexes=[cfg.vision_layers - 1], tokens_per_second=2)
+        return transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    vision = dict(common, embed_dim=cfg.vision_hidden, hidden_size=cfg.text_hidden, mlp_ratio=2)
+    return transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+
+
+def qwen_vl_processor(cfg: TinyConfig, tokenizer):
+    """Qwen2VLProcessor without its video processor (that needs torchvision: shared/FACTS.md)."""
+    import transformers
+
+    image = transformers.Qwen2VLImageProcessor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                               patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2)
+    cls = transformers.Qwen2_5_VLProcessor if cfg.family == "qwen2_5_vl" else transformers.Qwen2VLProcessor
+    cls.check_argument_for_proper_class = lambda *a, **k: None
+    processor = cls(image_processor=image, tokenizer=tokenizer, video_processor=None,
+                    chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    processor.get_attributes = lambda: ["image_processor", "tokenizer"]
+    return processor
+
+
+def build_tiny_qwen_vl(cfg: TinyConfig):
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(cfg.vocab_size, qwen=True)
+    config = qwen_vl_config(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    cls = "Qwen2_5_VLForConditionalGeneration" if cfg.family == "qwen2_5_vl" else "Qwen2VLForConditionalGeneration"
+    model = getattr(transformers, cls)(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model, qwen_vl_processor(cfg, tokenizer)
+
+
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
     import transformers
+
+    if cfg.family in ("qwen2_vl", "qwen2_5_vl"):
+        return build_tiny_qwen_vl(cfg)
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:

@@ -74,21 +74,46 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def _train_backend(vocab_size: int) -> Tokenizer:
+# Qwen2-VL's added tokens (after the model vocab in the real checkpoints); no BOS is added.
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>")
+
+# The chat template Qwen/Qwen2-VL-7B-Instruct ships: a default system message, images and videos
+# in place as <|vision_start|><|image_pad|><|vision_end|>.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _train_backend(vocab_size: int, specials: tuple[str, ...] = (IMAGE, PAD), bos: bool = True) -> Tokenizer:
     byte_chars = _byte_to_unicode()
     alphabet = [byte_chars[b] for b in range(256) if b not in _NON_UTF8_BYTES]
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 2,  # room for <image> and <pad> after the model vocab
+        vocab_size=vocab_size - len(specials),  # room for the added tokens after the model vocab
         min_frequency=2,
         show_progress=False,
         special_tokens=[UNK, BOS, EOS],
         initial_alphabet=alphabet,
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (IMAGE, PAD)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if not bos:
+        return tok
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
@@ -96,11 +121,17 @@ def _train_backend(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def build_tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
-    """Train the tiny tokenizer and wrap it as a transformers fast tokenizer (`TokenizersBackend`)."""
-    if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB} (5 special + 243 byte tokens), got {vocab_size}")
-    backend = _train_backend(vocab_size)
+def build_tiny_tokenizer(vocab_size: int = 256, qwen: bool = False) -> PreTrainedTokenizerFast:
+    """Train the tiny tokenizer and wrap it as a transformers fast tokenizer (`TokenizersBackend`).
+    `qwen`: Qwen2-VL's added tokens instead of <image>/<pad>, pad <|endoftext|>, EOS <|im_end|>, no BOS."""
+    specials = QWEN_SPECIALS if qwen else (IMAGE, PAD)
+    minimum = _MIN_VOCAB - 2 + len(specials)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be >= {minimum} (special + 243 byte tokens), got {vocab_size}")
+    backend = _train_backend(vocab_size, specials, bos=not qwen)
+    if qwen:
+        return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>", padding_side="left", clean_up_tokenization_spaces=False)
     assert backend.get_vocab_size() <= vocab_size, backend.get_vocab_size()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,

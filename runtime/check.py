@@ -79,9 +79,9 @@ def _media(directory: Path, m: Manifest) -> None:
     family = family_class(m.model.family)(m.model, m.preprocess, tensors)
     runners = {g: OrtRunner(directory / m.graph_files[g], m.graphs[g], threads=1) for g in m.model.pipeline["image"]}
 
-    def run(graph, x):
+    def run(graph, x):  # as VLM._run_graph: one input or a feed dict -> the first output
         spec = m.graphs[graph]
-        return runners[graph].run({spec.input_names[0]: x})[spec.output_names[0]]
+        return runners[graph].run(x if isinstance(x, dict) else {spec.input_names[0]: x})[spec.output_names[0]]
 
     item = family.prepare(Image.new("RGB", (64, 48), (120, 80, 40)))
     (embeds,) = family.embed_media([item], run)

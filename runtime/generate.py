@@ -47,6 +47,10 @@ class Batch:
     embeds: np.ndarray  # [B, S, C]
     mask: np.ndarray  # [B, S] int64, 0 at left pads
     stats: StepStats = field(default_factory=StepStats)
+    positions: np.ndarray | None = None  # [3, B, S] from the media grids (M-RoPE); None: the scheme's from the mask
+
+    def prompt_positions(self, scheme) -> np.ndarray:
+        return self.positions if self.positions is not None else scheme.prefill(self.mask)
 
 
 # decoder graph name -> the KV cache layout it reads and writes
@@ -112,7 +116,7 @@ class DecodeLoop:
         with self._memory() as memory:
             cache = memory.cache(b, s)
             embeds = memory.prompt_embeds(batch.embeds)
-            return memory.to_host(self._forward(memory, cache, embeds, batch.mask, self.positions.prefill(batch.mask)))
+            return memory.to_host(self._forward(memory, cache, embeds, batch.mask, batch.prompt_positions(self.positions)))
 
     def tokens(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[np.ndarray]:
         """Yields the sampled token ids [B] of each step."""
@@ -124,10 +128,10 @@ class DecodeLoop:
         cache = memory.cache(b, s + max_new_tokens)
         mask = np.zeros((b, s + max_new_tokens), dtype=np.int64)  # [B, capacity]; a [B, total] prefix per step
         mask[:, :s] = batch.mask
-        positions = self.positions.prefill(batch.mask)  # [B, S]
+        positions = batch.prompt_positions(self.positions)  # [B, S] or [3, B, S]
         t0 = time.perf_counter()
         logits = self._forward(memory, cache, memory.prompt_embeds(batch.embeds), mask[:, :s], positions)
-        positions = self.positions.first_step(positions)  # [B, 1]
+        positions = self.positions.first_step(positions)  # [..., B, 1]
         for step in range(max_new_tokens):
             ids, tokens = memory.choose(logits, sampler)
             self._account(batch.stats, step, time.perf_counter() - t0)

@@ -26,7 +26,7 @@ MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1 (LLaVA-1.5 only) is upgraded on load: see _upgrade_v1
 
 # The position schemes a decoder can be fed with (runtime/positions.py implements each).
-POSITION_SCHEMES = ("cumsum",)
+POSITION_SCHEMES = ("cumsum", "mrope")
 
 
 class ArtifactError(RuntimeError):

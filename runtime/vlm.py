@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,7 +21,9 @@ from .backends import make_runner
 from .families import family_class
 from .families.base import MediaItem
 from .generate import Batch, DecodeLoop
-from .images import load_image
+from .images import ImageError, load_image
+from .mrope import left_pad_positions
+from .video import load_video
 from .manifest import ArtifactError, Manifest, load_manifest
 from .runners import check_threads
 from .sampling import SamplingParams
@@ -45,6 +47,8 @@ class _Request:
     prompt: str
     images: list
     add_special_tokens: bool = True  # as HF's processor: yes for a raw prompt; chat: unless it starts with BOS
+    videos: list = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)  # min_pixels / max_pixels for this request's media (Qwen2-VL)
 
 
 class VLM:
@@ -100,57 +104,88 @@ class VLM:
 
     # ---- public API -------------------------------------------------------------------------
 
-    def generate(self, prompt: str, images: Sequence = (), **sampling) -> GenerationResult:
-        """`prompt` is raw text with <image> placeholders, as given to HF's processor."""
-        return self._generate([_Request(prompt, _image_list(images))], sampling)[0]
+    def generate(self, prompt: str, images: Sequence = (), videos: Sequence = (), *, min_pixels: int | None = None,
+                 max_pixels: int | None = None, **sampling) -> GenerationResult:
+        """`prompt` is raw text with the model's placeholders (<image>; Qwen2-VL: <|image_pad|>,
+        <|video_pad|>), as given to HF's processor. `videos`: file paths, bytes or frame lists
+        (families with video). `min_pixels`/`max_pixels`: per-request image size bounds (Qwen2-VL)."""
+        return self._generate([self._request(prompt, images, videos, min_pixels, max_pixels)], sampling)[0]
 
-    def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, **sampling) -> list[GenerationResult]:
+    def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None,
+                       videos: Sequence[Sequence] | None = None, *, min_pixels: int | None = None,
+                       max_pixels: int | None = None, **sampling) -> list[GenerationResult]:
         """Left-padded batch; each row's tokens equal HF batch `generate`."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise PromptError(f"prompts must be a list of strings (one per row), got a bare {type(prompts).__name__}")
         images = [()] * len(prompts) if images is None else images
-        if len(images) != len(prompts):
-            raise PromptError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
+        videos = [()] * len(prompts) if videos is None else videos
+        for what, given in (("image", images), ("video", videos)):
+            if len(given) != len(prompts):
+                raise PromptError(f"{len(prompts)} prompts but {len(given)} {what} lists; give one list per prompt")
         if not prompts:
             raise PromptError("generate_batch got no prompts; give at least one")
-        return self._generate([_Request(p, _image_list(i)) for p, i in zip(prompts, images)], sampling)
+        return self._generate([self._request(p, i, v, min_pixels, max_pixels) for p, i, v in zip(prompts, images, videos)],
+                              sampling)
 
-    def stream(self, prompt: str, images: Sequence = (), **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, images: Sequence = (), videos: Sequence = (), *, min_pixels: int | None = None,
+               max_pixels: int | None = None, **sampling) -> Iterator[str]:
         """Yields text as it is generated."""
-        return self._stream(_Request(prompt, _image_list(images)), sampling)
+        return self._stream(self._request(prompt, images, videos, min_pixels, max_pixels), sampling)
 
-    def chat(self, messages: list[dict], **sampling) -> GenerationResult:
-        """vLLM-style messages; images given as {"type": "image", "image": PIL image | path | bytes}."""
-        return self._generate([self._chat_request(messages)], sampling)[0]
+    def chat(self, messages: list[dict], *, min_pixels: int | None = None, max_pixels: int | None = None,
+             **sampling) -> GenerationResult:
+        """vLLM-style messages; images given as {"type": "image", "image": PIL image | path | bytes},
+        videos as {"type": "video", "video": path | bytes | frames}."""
+        return self._generate([self._chat_request(messages, min_pixels, max_pixels)], sampling)[0]
 
-    def chat_stream(self, messages: list[dict], **sampling) -> Iterator[str]:
-        return self._stream(self._chat_request(messages), sampling)
+    def chat_stream(self, messages: list[dict], *, min_pixels: int | None = None, max_pixels: int | None = None,
+                    **sampling) -> Iterator[str]:
+        return self._stream(self._chat_request(messages, min_pixels, max_pixels), sampling)
 
-    def prefill_logits(self, prompt: str, images: Sequence = ()) -> np.ndarray:
+    def prefill_logits(self, prompt: str, images: Sequence = (), videos: Sequence = ()) -> np.ndarray:
         """Logits [1, S, V] over the prompt (as HF's forward on the processor's inputs); runs the
         portable decoder, the one that returns every position's logits."""
-        batch, _, _ = self._prepare([_Request(prompt, _image_list(images))])
+        batch, _, _ = self._prepare([self._request(prompt, images, videos, None, None)])
         if "decoder" not in self.runners:
             self.runners["decoder"] = self._runner("decoder")
         return DecodeLoop(self.runners[self.facts.pipeline["embed"]], self.runners["decoder"], self.facts).prefill_logits(batch)
 
     def render_chat(self, messages: list[dict]) -> tuple[str, list]:
         """The prompt text the chat template renders, and the images in order of appearance."""
+        prompt, media = self._render_chat(messages)
+        return prompt, media["image"]
+
+    def _render_chat(self, messages: list[dict]) -> tuple[str, dict[str, list]]:
         if self.chat_template is None:
             raise PromptError(f"{self.directory} has no chat template; use generate() with a raw prompt")
-        images, plain = _split_images(messages)
+        media, plain = _split_media(messages)
         try:
             prompt = render_chat_template(self.chat_template, plain, add_generation_prompt=True, **self.text.special_tokens)
         except jinja2.TemplateSyntaxError as e:
             raise ArtifactError(f"{self.directory}: the chat template does not compile (line {e.lineno}: {e.message}); "
                                 "fix chat_template.jinja or re-export") from None
-        return prompt, images
+        return prompt, media
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _chat_request(self, messages: list[dict]) -> _Request:
-        prompt, images = self.render_chat(messages)
-        return _Request(prompt, images, chat_prompt_adds_special_tokens(prompt, self.text.bos_token))
+    def _request(self, prompt, images, videos, min_pixels, max_pixels, add_special_tokens: bool = True) -> _Request:
+        videos = _media_list(videos, "videos")
+        if videos and "video" not in self.family.media_kinds:
+            raise PromptError(f"the {self.facts.family} family takes no video (media it takes: "
+                              f"{', '.join(self.family.media_kinds)})")
+        sizes = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if sizes and not self.family.size_options:
+            raise PromptError(f"min_pixels/max_pixels apply to families that keep each image's resolution (qwen2_vl); "
+                              f"the {self.facts.family} family resizes every image to a fixed size")
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PromptError(f"{name} must be an int >= 1 (pixels), got {value!r}")
+        return _Request(prompt, _media_list(images, "images"), add_special_tokens, videos, sizes)
+
+    def _chat_request(self, messages: list[dict], min_pixels=None, max_pixels=None) -> _Request:
+        prompt, media = self._render_chat(messages)
+        return self._request(prompt, media["image"], media["video"], min_pixels, max_pixels,
+                             chat_prompt_adds_special_tokens(prompt, self.text.bos_token))
 
     def _generate(self, requests: list[_Request], sampling: dict) -> list[GenerationResult]:
         gen = Generation(self, requests, _sampling(sampling))
@@ -167,19 +202,37 @@ class VLM:
     def _prepare(self, requests: list[_Request]) -> tuple[Batch, list[int], float]:
         for r in requests:  # cheap checks before any image is read
             self._check_placeholders(r)
-        items = [[self.family.prepare(load_image(i)) for i in r.images] for r in requests]  # [row][image]
+        items = [self._media_items(r) for r in requests]  # [row][item]
         ids = [self._tokenize(r, row) for r, row in zip(requests, items)]  # cheap checks before the vision graphs
         t0 = time.perf_counter()
         media = self.family.embed_media([i for row in items for i in row], self._run_graph)  # [num_tokens_i, C]
         vision_s = time.perf_counter() - t0
         splits = np.cumsum([len(row) for row in items])[:-1]
-        embeds = [self._embed_row(row, feats) for row, feats in zip(ids, _split(media, splits))]
-        return _left_pad(embeds), [len(r) for r in ids], vision_s
+        embeds = [self._embed_row(row, its, feats) for row, its, feats in zip(ids, items, _split(media, splits))]
+        batch = _left_pad(embeds)
+        positions = [self.family.prompt_positions(row, its) for row, its in zip(ids, items)]
+        if any(p is not None for p in positions):
+            batch.positions = left_pad_positions(positions, batch.mask.shape[1])  # [3, B, S]
+        return batch, [len(r) for r in ids], vision_s
 
-    def _run_graph(self, name: str, x: np.ndarray) -> np.ndarray:
-        """A one-input, one-output graph of the media chain (names from its spec)."""
+    def _media_items(self, request: _Request) -> list[MediaItem]:
+        """The request's images, then its videos, preprocessed (each kind keeps its own order)."""
+        try:
+            items = [self.family.prepare(load_image(i), **request.sizes) for i in request.images]
+            for video in request.videos:
+                frames, meta = load_video(video)  # [F, H, W, 3]
+                items.append(self.family.prepare_video(frames, meta.sampled_fps, **request.sizes))
+        except ImageError:
+            raise
+        except ValueError as e:  # the request's sizes (min/max_pixels) against the model's limits
+            raise PromptError(str(e)) from None
+        return items
+
+    def _run_graph(self, name: str, x: np.ndarray | dict) -> np.ndarray:
+        """A graph of the media chain: its one input (or a feed dict) -> its first output."""
         spec = self.manifest.graphs[name]
-        return self.runners[name].run({spec.input_names[0]: x})[spec.output_names[0]]
+        feeds = x if isinstance(x, dict) else {spec.input_names[0]: x}
+        return self.runners[name].run(feeds)[spec.output_names[0]]
 
     def _check_placeholders(self, request: _Request) -> None:
         if not isinstance(request.prompt, str):
@@ -189,8 +242,10 @@ class VLM:
         except UnicodeEncodeError as e:
             raise PromptError(f"prompt is not valid text: {e.reason} at position {e.start} "
                               "(a lone surrogate, e.g. from bytes decoded with errors='surrogateescape')") from None
+        given = {"image": request.images, "video": request.videos}
         try:
-            expand_placeholders(request.prompt, self.facts.image_token, [1] * len(request.images))
+            for kind, media in self.facts.media.items():
+                expand_placeholders(request.prompt, media.placeholder, [1] * len(given.get(kind, ())), kind)
         except ValueError as e:
             raise PromptError(str(e)) from None
 
@@ -210,18 +265,20 @@ class VLM:
             )
         return ids
 
-    def _embed_row(self, ids: np.ndarray, image_embeds: list[np.ndarray]) -> np.ndarray:
-        """[S] ids + each image's [n_i, C] embeds -> [S, C] with them at the image-token positions, in order."""
+    def _embed_row(self, ids: np.ndarray, items: list[MediaItem], item_embeds: list[np.ndarray]) -> np.ndarray:
+        """[S] ids + each item's [n_i, C] embeds -> [S, C] with each kind's at its token's positions, in order."""
         embeds = self.runners[self.facts.pipeline["embed"]].run({"input_ids": ids[None]})["inputs_embeds"][0]  # [S, C]
-        slots = ids == self.facts.image_token_id
-        given = sum(e.shape[0] for e in image_embeds)
-        if slots.sum() != given:
-            raise PromptError(
-                f"the prompt holds {int(slots.sum())} image tokens but the images give {given} features; "
-                f"do not type the image token {self.facts.image_token!r} expanded by hand"
-            )
-        if given:
-            embeds[slots] = np.concatenate(image_embeds)
+        for kind, media in self.facts.media.items():
+            slots = ids == media.token_id
+            mine = [e for item, e in zip(items, item_embeds) if item.kind == kind]
+            given = sum(e.shape[0] for e in mine)
+            if slots.sum() != given:
+                raise PromptError(
+                    f"the prompt holds {int(slots.sum())} {kind} tokens but the {kind}s give {given} features; "
+                    f"do not type the {kind} token {media.placeholder!r} expanded by hand"
+                )
+            if given:
+                embeds[slots] = np.concatenate(mine)
         return embeds
 
 
@@ -239,15 +296,16 @@ def _pick_decoder(manifest: Manifest, backend: str) -> str:
     return usable[0]
 
 
-def _image_list(images) -> list:
-    """A list of images (None: none); a lone path/bytes/PIL image is a mistake worth naming, not 70 'images'."""
-    if images is None:
+def _media_list(items, what: str = "images") -> list:
+    """A list of media (None: none); a lone path/bytes/PIL image is a mistake worth naming, not 70 'images'."""
+    if items is None:
         return []
-    if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "getpixel"):
-        raise PromptError(f"images must be a list (e.g. images=[{type(images).__name__}]), got a bare {type(images).__name__}")
-    if not isinstance(images, (list, tuple)):
-        raise PromptError(f"images must be a list of images (paths, bytes or PIL images), got {type(images).__name__}")
-    return list(images)
+    if isinstance(items, (str, bytes, os.PathLike)) or hasattr(items, "getpixel"):
+        raise PromptError(f"{what} must be a list (e.g. {what}=[{type(items).__name__}]), got a bare {type(items).__name__}")
+    if not isinstance(items, (list, tuple)):
+        raise PromptError(f"{what} must be a list ({'paths, bytes or PIL images' if what == 'images' else 'paths, bytes or frame lists'}), "
+                          f"got {type(items).__name__}")
+    return list(items)
 
 
 def _sampling(kwargs: dict) -> SamplingParams:
@@ -268,9 +326,9 @@ def _left_pad(rows: list[np.ndarray]) -> Batch:
     return Batch(embeds, mask)
 
 
-def _split_images(messages: list[dict]) -> tuple[list, list[dict]]:
-    """Pull image objects out of message content (in order); the template only needs their type."""
-    images, plain = [], []
+def _split_media(messages: list[dict]) -> tuple[dict[str, list], list[dict]]:
+    """Pull image and video objects out of message content (in order); the template only needs their type."""
+    media, plain = {"image": [], "video": []}, []
     for m in messages:
         if not isinstance(m, dict) or "role" not in m:
             raise PromptError(f"each message must be a dict with 'role' and 'content', got {m!r:.80}")
@@ -279,14 +337,16 @@ def _split_images(messages: list[dict]) -> tuple[list, list[dict]]:
             new = []
             for item in content:
                 if not isinstance(item, dict) or "type" not in item:
-                    raise PromptError(f"each content item must be a dict with a 'type' ('text' or 'image'), got {item!r:.80}; "
-                                      'a plain string goes as {"type": "text", "text": ...}')
-                if item.get("type") == "image":
-                    if "image" not in item:
-                        raise PromptError("an image content item needs the image under 'image' (PIL image, path or bytes)")
-                    images.append(item["image"])
-                    item = {"type": "image"}
+                    raise PromptError(f"each content item must be a dict with a 'type' ('text', 'image' or 'video'), "
+                                      f'got {item!r:.80}; a plain string goes as {{"type": "text", "text": ...}}')
+                kind = item.get("type")
+                if kind in media:
+                    if kind not in item:
+                        raise PromptError(f"an {kind} content item needs the {kind} under {kind!r} "
+                                          f"({'PIL image, path or bytes' if kind == 'image' else 'path, bytes or frames'})")
+                    media[kind].append(item[kind])
+                    item = {"type": kind}
                 new.append(item)
             m = dict(m, content=new)
         plain.append(m)
-    return images, plain
+    return media, plain

@@ -43,6 +43,15 @@ FAMILY_VARIANTS = {
     "llava-llama-clip-hd20": TinyConfig(seed=17, image_size=28, text_hidden=80, text_heads=4, text_kv_heads=2),
 }
 
+# Qwen2-VL / Qwen2.5-VL (tests/test_qwen2_vl.py): images up to 64 merged tokens, a 2-layer ViT;
+# Qwen2.5-VL with 56-px windows (2x2 units) and its last block on full attention
+_QWEN = dict(text_model="qwen2", vocab_size=300, text_hidden=64, text_heads=4, text_kv_heads=2, vision_hidden=32,
+             vision_heads=2, vision_layers=2)
+QWEN_VARIANTS = {
+    "qwen2_vl": TinyConfig(seed=21, family="qwen2_vl", **_QWEN),
+    "qwen2_5_vl": TinyConfig(seed=22, family="qwen2_5_vl", **_QWEN),
+}
+
 
 @dataclasses.dataclass
 class Exported:
@@ -63,7 +72,8 @@ def exported_factory(tmp_path_factory):
     def get(name: str) -> Exported:
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            model, processor = build_tiny_checkpoint({**VARIANTS, **FAMILY_VARIANTS}[name], root / "checkpoint")
+            model, processor = build_tiny_checkpoint({**VARIANTS, **FAMILY_VARIANTS, **QWEN_VARIANTS}[name],
+                                                     root / "checkpoint")
             export_model(str(root / "checkpoint"), root / "artifact", log=lambda msg: None)
             cache[name] = Exported(name, model, processor, root / "checkpoint", root / "artifact")
         return cache[name]

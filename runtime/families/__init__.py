@@ -14,6 +14,7 @@ from ..manifest import ArtifactError
 FAMILIES = {
     "llava": "llava",
     "llava_next": "llava_next",
+    "qwen2_vl": "qwen2_vl",
 }
 
 

@@ -32,9 +32,10 @@ Size = tuple[int, int]  # (height, width)
 class MediaItem:
     """One preprocessed image: the vision chain's input rows and the prompt tokens it becomes."""
 
-    pixels: np.ndarray  # [n, 3, H, W]: n = 1 (LLaVA), tiles + base image (LLaVA-NeXT)
+    pixels: np.ndarray  # [n, 3, H, W]: n = 1 (LLaVA), tiles + base image (LLaVA-NeXT); Qwen2-VL: [U, M, Dp]
     num_tokens: int
     meta: dict = field(default_factory=dict)  # family-specific (e.g. the original image size)
+    kind: str = "image"  # a key of manifest.model.media
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Family:
     do not fit)."""
 
     name = ""
+    media_kinds: tuple[str, ...] = ("image",)  # what prepare/prepare_video accept
+    size_options = False  # True: prepare takes min_pixels/max_pixels per call
 
     def __init__(self, facts: ModelFacts, preprocess: dict, tensors: Mapping[str, np.ndarray]):
         self.facts, self.tensors = facts, tensors
@@ -88,12 +91,25 @@ class Family:
         """A decoded PIL image -> its MediaItem."""
         raise NotImplementedError
 
+    def prepare_video(self, frames, fps: float | None = None, **options) -> MediaItem:
+        """frames [F, H, W, 3] uint8 (runtime/video.py) sampled at `fps` -> its MediaItem."""
+        raise NotImplementedError(f"the {self.name} family takes no video")
+
+    def prompt_positions(self, ids: np.ndarray, items: list[MediaItem]) -> np.ndarray | None:
+        """ids [S] of one row -> its positions, where the family computes them from the media
+        (M-RoPE: [3, S]); None: the position scheme's, from the attention mask."""
+        return None
+
     def pack(self, item: MediaItem, features: np.ndarray) -> np.ndarray:
         """features [n, T, C] of this item's rows -> embeds [num_tokens, C]."""
         return features.reshape(-1, features.shape[-1])
 
     def expand_prompt(self, prompt: str, items: list[MediaItem]) -> str:
-        return expand_placeholders(prompt, self.facts.image_token, [i.num_tokens for i in items])
+        """Each kind's placeholders in turn: the i-th becomes the i-th item of that kind's token count."""
+        for kind, media in self.facts.media.items():
+            counts = [i.num_tokens for i in items if i.kind == kind]
+            prompt = expand_placeholders(prompt, media.placeholder, counts, kind)
+        return prompt
 
     def embed_media(self, items: list[MediaItem], run: RunGraph) -> list[np.ndarray]:
         """Each item's embeddings [num_tokens, C]; the chain runs once over every item's rows."""

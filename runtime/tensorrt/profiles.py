@@ -9,7 +9,8 @@ in disjoint shape regimes:
     decode:  seq 1..1           past 0..max_context-1  total = past + seq
 
 Every other graph gets one profile over its dims (vision: num_images 1..max_images x rows_per_image,
-the rows one image takes: 1 for LLaVA, base + tiles for LLaVA-NeXT). Dim names and their limits come
+the rows one image takes: 1 for LLaVA, base + tiles for LLaVA-NeXT; Qwen2-VL's num_units likewise,
+rows_per_image being the merged units of the largest image). Dim names and their limits come
 from the manifest, so no family has code here.
 """
 
@@ -113,6 +114,8 @@ class Profile:
 def _dim_ranges(limits: Limits) -> dict[str, DimRange]:
     return {
         "num_images": DimRange(1, limits.rows_per_image, limits.max_images * limits.rows_per_image),
+        # Qwen2-VL: merged 2x2-patch units of all images of a call (rows_per_image: one image's most)
+        "num_units": DimRange(1, limits.rows_per_image, limits.max_images * limits.rows_per_image),
         "batch": DimRange(1, 1, limits.max_batch),
         "seq": DimRange(1, limits.typical_input, limits.max_input),
     }

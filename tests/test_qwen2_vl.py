@@ -1,0 +1,168 @@
+"""Qwen2-VL and Qwen2.5-VL: seeded tiny checkpoints exported by the real exporter, then the
+torch-free runtime against HF `generate` (greedy, EOS off): two images of different sizes and
+aspect ratios in one prompt, text only, an image + a video, a left-padded batch with different
+image sizes; prefill logits within 1e-4; `check --tensorrt` on every graph.
+
+HF's video processor needs torchvision (not installable here), so the video path feeds HF's model
+the `pixel_values_videos` / `video_grid_thw` our preprocessing makes (that preprocessing is checked
+against a transcription of HF's rules in tests/test_qwen_preprocess.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import QWEN_VARIANTS, noise_image, photo
+from vlmdeploy.runtime.vlm import VLM, PromptError
+
+NEW_TOKENS = 20
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def chat(text: str) -> str:
+    return f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+TWO = chat(f"{IMG}What is this? {IMG}And this one?")
+ONE = chat(f"{IMG}Describe the picture.")
+TEXT = chat("Tell me a story.")
+WITH_VIDEO = chat(f"{IMG}Is this in the video? {VID}")
+
+
+def two_images():
+    return [photo("chelsea", (150, 100)), noise_image(5, size=(60, 130))]  # 3:2 and a tall one
+
+
+def video_frames(n: int = 5) -> np.ndarray:
+    """[n, 56, 84, 3] uint8: a photo panning right (an odd count: the last frame is repeated in time)."""
+    base = np.asarray(photo("astronaut", (160, 56)))
+    return np.stack([base[:, 8 * i: 8 * i + 84] for i in range(n)])
+
+
+@pytest.fixture(scope="module", params=list(QWEN_VARIANTS))
+def qwen(request, exported_factory):
+    return exported_factory(request.param)
+
+
+def hf_generate(exp, prompts, images):
+    """HF batch generate through its processor (left padding), greedy, EOS off."""
+    processor, model = exp.processor, exp.model
+    processor.tokenizer.padding_side = "left"
+    flat = [i for row in images for i in row] or None
+    inputs = processor(images=flat, text=prompts, return_tensors="pt", padding=True)
+    return _generate(model, inputs)
+
+
+def _generate(model, inputs):
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1]:]]
+
+
+def test_two_images_of_different_sizes_equal_hf(qwen):
+    want = hf_generate(qwen, [TWO], [two_images()])[0]
+    got = VLM.load(qwen.artifact).generate(TWO, two_images(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert got.token_ids == want
+
+
+def test_text_only_equals_hf(qwen):
+    want = hf_generate(qwen, [TEXT], [[]])[0]
+    assert VLM.load(qwen.artifact).generate(TEXT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want
+
+
+def test_left_padded_batch_with_different_image_sizes_equals_hf(qwen):
+    prompts = [TWO, TEXT, ONE]
+    images = [two_images(), [], [photo("coffee", (120, 90))]]
+    want = hf_generate(qwen, prompts, images)
+    got = VLM.load(qwen.artifact).generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert [g.token_ids for g in got] == want
+
+
+def test_image_and_video_equal_hf(qwen):
+    """HF's model fed the same video patches, its image processor for the image, its get_rope_index."""
+    vlm = VLM.load(qwen.artifact)
+    image, frames = photo("coffee", (100, 70)), video_frames()
+    got = vlm.generate(WITH_VIDEO, [image], [frames], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    family = vlm.family
+    video = family.prepare_video(frames, fps=24.0)  # load_video of bare frames: 24 fps, as HF's metadata default
+    img = qwen.processor.image_processor(images=[image], return_tensors="pt")
+    n_image = int(img["image_grid_thw"].prod()) // 4
+    text = WITH_VIDEO.replace("<|image_pad|>", "<|image_pad|>" * n_image).replace("<|video_pad|>", "<|video_pad|>" * video.num_tokens)
+    ids = qwen.processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    cfg = qwen.model.config
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "mm_token_type_ids": (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int(),
+              "pixel_values": img["pixel_values"], "image_grid_thw": img["image_grid_thw"],
+              "pixel_values_videos": torch.from_numpy(video.pixels.reshape(-1, video.pixels.shape[-1])),
+              "video_grid_thw": torch.tensor([video.meta["grid"]])}
+    if cfg.model_type == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([2 / 24.0])
+    assert video.meta["grid"][0] == 3  # 5 frames -> 3 temporal patches (the last frame repeated)
+    assert got.token_ids == _generate(qwen.model, inputs)[0]
+
+
+def test_prefill_logits_match_hf(qwen):
+    inputs = qwen.processor(images=two_images(), text=[TWO], return_tensors="pt")
+    with torch.no_grad():
+        ref = qwen.model(**inputs).logits[0].numpy()  # [S, V]
+    ours = VLM.load(qwen.artifact).prefill_logits(TWO, two_images())[0]
+    assert ours.shape == ref.shape
+    assert np.max(np.abs(ours - ref)) <= 1e-4
+
+
+def test_min_max_pixels_per_call_change_the_tokens_as_hf(qwen):
+    """A request's max_pixels shrinks the image (fewer tokens) exactly as HF's processor with that setting."""
+    vlm = VLM.load(qwen.artifact)
+    image = photo("chelsea", (300, 200))
+    small = vlm.family.prepare(image, max_pixels=28 * 28 * 16)
+    full = vlm.family.prepare(image)
+    assert small.num_tokens < full.num_tokens <= 64
+    hf = qwen.processor.image_processor(images=[image], size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16},
+                                        return_tensors="pt")
+    assert small.meta["grid"] == tuple(hf["image_grid_thw"][0].tolist())
+    got = vlm.generate(ONE, [image], max_new_tokens=4, ignore_eos=True, max_pixels=28 * 28 * 16)
+    assert got.prompt_tokens == len(qwen.processor.tokenizer(ONE)["input_ids"]) - 1 + small.num_tokens
+    with pytest.raises(PromptError, match="max_pixels"):
+        vlm.generate(ONE, [image], max_new_tokens=1, max_pixels=10**9)
+
+
+def test_manifest_and_check_tensorrt(qwen):
+    from vlmdeploy.runtime.check import check_artifact
+    from vlmdeploy.runtime.tensorrt.build import BuildOptions
+
+    vlm = VLM.load(qwen.artifact)
+    facts = vlm.facts
+    assert facts.family == "qwen2_vl" and facts.positions == "mrope"
+    assert set(facts.media) == {"image", "video"} and facts.pipeline["video"] == ["vision"]
+    assert vlm.manifest.graphs["decoder"].inputs[2].shape == (3, "batch", "seq")
+    windowed = qwen.model.config.model_type == "qwen2_5_vl"
+    assert ("windows" in vlm.manifest.graphs["vision"].input_names) == windowed
+    report = check_artifact(qwen.artifact, tensorrt=("10", BuildOptions()))
+    assert report.passed, report.failed
+    ok = "\n".join(report.ok)
+    for graph in ("vision", "embed", "decoder"):
+        assert f"{graph}: tensorrt profiles:" in ok and f"{graph}: tensorrt control: no If/Loop/Scan" in ok
+
+
+def test_video_placeholders_and_families_without_video(qwen, tiny):
+    vlm = VLM.load(qwen.artifact)
+    with pytest.raises(PromptError, match="1 <|video_pad|> placeholder but 0 videos"):
+        vlm.generate(chat(VID), max_new_tokens=1)
+    with pytest.raises(PromptError, match="takes no video"):
+        VLM.load(tiny.artifact).generate("USER: hi ASSISTANT:", videos=[video_frames()], max_new_tokens=1)
+    with pytest.raises(PromptError, match="min_pixels/max_pixels apply to"):
+        VLM.load(tiny.artifact).generate("USER: hi ASSISTANT:", max_new_tokens=1, max_pixels=1000)
+
+
+def test_chat_with_a_video_item(qwen):
+    """{"type": "video"} content renders <|video_pad|> through the chat template; same tokens as the raw prompt."""
+    vlm = VLM.load(qwen.artifact)
+    frames = video_frames(4)
+    messages = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What happens?"}]}]
+    raw = chat(f"{VID}What happens?")
+    assert vlm._render_chat(messages)[0] == raw
+    got = vlm.chat(messages, max_new_tokens=6, ignore_eos=True)
+    assert got.token_ids == vlm.generate(raw, videos=[frames], max_new_tokens=6, ignore_eos=True).token_ids
