@@ -53,7 +53,9 @@ from vlmdeploy.runtime.spec import GraphSpec, kv_names
 
 MS = "com.microsoft"
 F32_MIN = float(np.finfo(np.float32).min)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "qwen2_vl_text", "qwen2_5_vl_text")
+QWEN2_LIKE = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # windows per layer from layer_types
+MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")  # position_ids [3, B, S], rotary pairs split by axis
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu")  # HF ACT2FN names
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init
 WINDOW_EVERY_LAYER = ("mistral", "phi3")  # attention uses config.sliding_window in every layer
@@ -65,10 +67,18 @@ class Graph:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self._consts: dict[str, np.ndarray] = {}
         self._n = 0
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d scalars
+        """An initializer; a name already made is reused (shared constants such as shapes)."""
+        array = np.array(array, order="C")  # keeps 0-d scalars
+        if name in self._consts:
+            if not np.array_equal(self._consts[name], array):
+                raise ValueError(f"decoder_gqa builder: constant {name!r} made twice with different values")
+            return name
+        self._consts[name] = array
+        self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
@@ -118,7 +128,7 @@ def layer_windows(cfg) -> list[int | None]:
     n, window = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None)
     if cfg.model_type in WINDOW_EVERY_LAYER:
         return [window] * n
-    if cfg.model_type == "qwen2":
+    if cfg.model_type in QWEN2_LIKE:
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
         return [window if t == "sliding_attention" else None for t in types]
     return [None] * n
@@ -151,17 +161,27 @@ def _rope_reason(cfg) -> str | None:
         return f"decoder_gqa: rope type {rope_type!r} is not supported ({', '.join(STATIC_ROPE_TYPES)}, longrope)"
     if rotary % 2 or rotary <= 0 or rotary > _head_dim(cfg):
         return f"decoder_gqa: rotary dimension {rotary} does not fit head_dim {_head_dim(cfg)}"
+    section = mrope_section(cfg)
+    if section is not None and sum(section) != rotary // 2:
+        return f"decoder_gqa: mrope_section {section} does not add up to the {rotary // 2} rotary pairs"
     return None
+
+
+def mrope_section(cfg) -> list[int] | None:
+    """Qwen2-VL's rotary pairs per axis (temporal, height, width); None for 1-D RoPE."""
+    if cfg.model_type not in MROPE_MODEL_TYPES:
+        return None
+    return list(_rope_parameters(cfg).get("mrope_section", [16, 24, 24]))
 
 
 def _attention_reason(cfg) -> str | None:
     if getattr(cfg, "use_bidirectional_attention", False):
         return "decoder_gqa: bidirectional attention (use_bidirectional_attention) is not supported"
     types = getattr(cfg, "layer_types", None) or []
-    if cfg.model_type == "qwen2" and set(types) - {"full_attention", "sliding_attention"}:
+    if cfg.model_type in QWEN2_LIKE and set(types) - {"full_attention", "sliding_attention"}:
         return f"decoder_gqa: layer_types {sorted(set(types))} are not supported (full_attention, sliding_attention)"
     windows = layer_windows(cfg)
-    if cfg.model_type == "qwen2" and "sliding_attention" in types and getattr(cfg, "sliding_window", None) is None:
+    if cfg.model_type in QWEN2_LIKE and "sliding_attention" in types and getattr(cfg, "sliding_window", None) is None:
         return "decoder_gqa: layer_types has sliding_attention layers but sliding_window is None"
     if any(w is not None and w < 1 for w in windows):
         return f"decoder_gqa: sliding_window {cfg.sliding_window} is not supported (must be >= 1)"
@@ -287,8 +307,41 @@ def _qkv(g: Graph, i: int, attn, arch: Arch, h: str) -> list[str]:
     return g.op("Split", [qkv, split], n_out=3, axis=-1)
 
 
-def _rotary(g: Graph, x: str, heads: int, arch: Arch, positions: str) -> str:
-    """x [B, S, heads*D] rotated (rotate-half layout; the first rotary_dim channels of each head)."""
+def _mrope_tables(g: Graph, section: list[int]) -> tuple[str, str]:
+    """position_ids [3, B, S] -> (cos, sin) [B, S, 1, D]: rotary pair j takes its angle from the
+    axis whose section holds j (HF's `recomposition_frequencies`), halves repeated."""
+    bounds = np.cumsum([0, *section])
+    out = []
+    for table in ("rope_cos", "rope_sin"):
+        parts = []
+        for axis in range(3):
+            pos = g.op("Gather", ["position_ids", g.const(f"mrope_axis{axis}_{table}", np.array(axis, np.int64))], axis=0)
+            rows = g.op("Gather", [table, pos], axis=0)  # [B, S, half]
+            parts.append(g.op("Slice", [rows, g.const(f"mrope_lo{axis}_{table}", bounds[axis:axis + 1]),
+                                        g.const(f"mrope_hi{axis}_{table}", bounds[axis + 1:axis + 2]),
+                                        g.const(f"mrope_ax{axis}_{table}", np.array([-1], np.int64))]))
+        half = g.op("Concat", parts, axis=-1)  # [B, S, half]
+        full = g.op("Concat", [half, half], axis=-1)  # [B, S, D]
+        out.append(g.op("Unsqueeze", [full, g.const(f"mrope_heads_axis_{table}", np.array([2], np.int64))]))
+    return out[0], out[1]
+
+
+def _rotary_mrope(g: Graph, x: str, heads: int, arch: Arch, tables: tuple[str, str]) -> str:
+    """x [B, S, heads*D] -> x*cos + rotate_half(x)*sin with per-token M-RoPE tables [B, S, 1, D]."""
+    cos, sin = tables
+    d, half = arch.head_dim, arch.head_dim // 2
+    xh = g.op("Reshape", [x, g.const(f"mrope_shape{heads}", np.array([0, 0, heads, d], np.int64))])  # [B, S, H, D]
+    x1, x2 = g.op("Split", [xh, g.const("mrope_halves", np.array([half, half], np.int64))], n_out=2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    out = g.op("Add", [g.op("Mul", [xh, cos]), g.op("Mul", [rotated, sin])])
+    return g.op("Reshape", [out, g.const(f"mrope_flat{heads}", np.array([0, 0, heads * d], np.int64))])
+
+
+def _rotary(g: Graph, x: str, heads: int, arch: Arch, positions) -> str:
+    """x [B, S, heads*D] rotated (rotate-half layout; the first rotary_dim channels of each head).
+    `positions`: rows of the rope tables [B, S], or M-RoPE's (cos, sin) tables."""
+    if isinstance(positions, tuple):
+        return _rotary_mrope(g, x, heads, arch, positions)
     partial = {"rotary_embedding_dim": arch.rotary_dim} if arch.rotary_dim != arch.head_dim else {}
     return g.op("RotaryEmbedding", [x, positions, "rope_cos", "rope_sin"], domain=MS, num_heads=heads,
                 interleaved=0, **partial)
@@ -360,7 +413,9 @@ def build(language_model, lm_head, text_config, spec: GraphSpec) -> onnx.ModelPr
     arch, g = Arch.of(language_model, cfg, rotary_dim=2 * cos.shape[1]), Graph()
     g.const("rope_cos", cos)
     g.const("rope_sin", sin)
-    positions, mask_parts = _rope_positions(g, long_offset), _mask_inputs(g)
+    section = mrope_section(cfg)
+    positions = _mrope_tables(g, section) if section else _rope_positions(g, long_offset)
+    mask_parts = _mask_inputs(g)
     x = "inputs_embeds"
     if arch.embed_scale is not None:  # Gemma under transformers 4.x: GemmaModel.forward scales inputs_embeds
         x = g.op("Mul", [x, g.const("embed_scale", np.array(arch.embed_scale, np.float32))])

@@ -138,7 +138,7 @@ class Qwen2VLExport(LlavaStyleExport):
                            "tokens_per_second": getattr(v, "tokens_per_second", None) if windowed else None,
                            "mrope_section": list(text.rope_parameters["mrope_section"])},
             positions="mrope",
-            pipeline={"image": ["vision"], "video": ["vision"], "embed": "embed", "decoders": ["decoder"]},
+            pipeline={"image": ["vision"], "video": ["vision"], "embed": "embed", "decoders": ["decoder_gqa", "decoder"]},
             limits={"seq": context, "total": context, "capacity": context, "past": context - 1,
                     "batch": None, "num_units": None, "num_images": None, "rows_per_image": max_units},
         )
@@ -167,12 +167,14 @@ class Qwen2VLExport(LlavaStyleExport):
             inputs.append(TensorSpec("windows", "int64", ("num_units",)))
         vision = GraphSpec("vision", tuple(inputs), (TensorSpec("image_embeds", f, ("num_units", d.hidden)),))
         specs = llava_graph_specs(d)
-        decoder = specs["decoder"]
-        position_ids = TensorSpec("position_ids", "int64", (3, "batch", "seq"))
-        decoder = GraphSpec("decoder", tuple(position_ids if t.name == "position_ids" else t for t in decoder.inputs),
-                            decoder.outputs, decoder.dim_sums)
-        log("decoder_gqa: M-RoPE (3-D positions) is not in its builder yet; exporting the portable decoder only")
-        return {"vision": vision, "embed": specs["embed"], "decoder": decoder}
+        del specs["projector"]  # the merger is the vision graph's last layer
+        specs["vision"] = vision
+        for name in ("decoder", "decoder_gqa"):  # position_ids [3, B, S]: temporal, height, width
+            specs[name] = _with_3d_positions(specs[name])
+        reason = c.decoder_gqa_spec_or_reason(specs, model.config.get_text_config(), d.dtype)
+        if reason:
+            log(f"{reason}; exporting the portable decoder only")
+        return specs
 
     def graph_modules(self, model) -> dict[str, nn.Module]:
         windowed = model.config.model_type == "qwen2_5_vl"
@@ -181,6 +183,9 @@ class Qwen2VLExport(LlavaStyleExport):
             "embed": c.EmbedGraph(model.get_input_embeddings()).eval(),
             "decoder": self.decoder_module(model),
         }
+
+    def text_parts(self, model):
+        return model.model.language_model, model.lm_head, model.config.get_text_config()
 
     def export_context(self, module: nn.Module, graph: str):
         import contextlib
@@ -225,6 +230,12 @@ class Qwen2VLExport(LlavaStyleExport):
 
     def tensors(self, model, dtype: str) -> dict[str, np.ndarray]:
         return {}
+
+
+def _with_3d_positions(spec: GraphSpec) -> GraphSpec:
+    position_ids = TensorSpec("position_ids", "int64", (3, "batch", "seq"))
+    inputs = tuple(position_ids if t.name == "position_ids" else t for t in spec.inputs)
+    return GraphSpec(spec.name, inputs, spec.outputs, spec.dim_sums)
 
 
 def _window_units(v) -> int:

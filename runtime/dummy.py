@@ -52,6 +52,8 @@ def _mask_and_positions(dims: dict, facts: ModelFacts) -> dict:
     for row in range(b):
         mask[row, : min(row, total - 1)] = 0
     positions = position_scheme(facts.positions).prefill(mask)[..., total - s:]
+    if positions.ndim == 3:  # M-RoPE: make the three axes differ, as an image's grid positions do
+        positions = positions + np.array([0, 2, 5])[:, None, None] * (positions > 0)
     return {"attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
 
 

@@ -19,7 +19,8 @@ ADDING = ROOT / "docs" / "ADDING_A_FAMILY.md"
 # display names the README uses; a new tower or backbone needs a line here and a mention in the table
 TOWERS = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP", "dinov2": "DINOv2"}  # HF model_type
 TINY_TOWERS = {"clip": "CLIP", "siglip": "SigLIP", "dinov2": "DINOv2"}  # TinyConfig.vision_model
-BACKBONES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi3": "Phi-3"}
+BACKBONES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi3": "Phi-3",
+             "qwen2_vl_text": "Qwen2 (M-RoPE)", "qwen2_5_vl_text": "Qwen2 (M-RoPE)"}
 COLUMNS = ("family", "architectures", "towers", "backbones", "decoders", "tested")
 
 # files ADDING_A_FAMILY.md must name: the two family modules, the registries, the builder, the harness

@@ -46,6 +46,13 @@ def qwen(request, exported_factory):
     return exported_factory(request.param)
 
 
+def runtimes(exp):
+    """The artifact once per decoder it has: decoder_gqa (M-RoPE from standard ops) and the portable one."""
+    decoders = VLM.load(exp.artifact, verify=False).facts.pipeline["decoders"]
+    assert decoders == ["decoder_gqa", "decoder"]
+    return [VLM.load(exp.artifact, decoder=d) for d in decoders]
+
+
 def hf_generate(exp, prompts, images):
     """HF batch generate through its processor (left padding), greedy, EOS off."""
     processor, model = exp.processor, exp.model
@@ -64,29 +71,32 @@ def _generate(model, inputs):
 
 def test_two_images_of_different_sizes_equal_hf(qwen):
     want = hf_generate(qwen, [TWO], [two_images()])[0]
-    got = VLM.load(qwen.artifact).generate(TWO, two_images(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    assert got.token_ids == want
+    for vlm in runtimes(qwen):
+        got = vlm.generate(TWO, two_images(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert got.token_ids == want, vlm.decoder_graph
 
 
 def test_text_only_equals_hf(qwen):
     want = hf_generate(qwen, [TEXT], [[]])[0]
-    assert VLM.load(qwen.artifact).generate(TEXT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want
+    for vlm in runtimes(qwen):
+        assert vlm.generate(TEXT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want, vlm.decoder_graph
 
 
 def test_left_padded_batch_with_different_image_sizes_equals_hf(qwen):
     prompts = [TWO, TEXT, ONE]
     images = [two_images(), [], [photo("coffee", (120, 90))]]
     want = hf_generate(qwen, prompts, images)
-    got = VLM.load(qwen.artifact).generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    assert [g.token_ids for g in got] == want
+    for vlm in runtimes(qwen):
+        got = vlm.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert [g.token_ids for g in got] == want, vlm.decoder_graph
 
 
 def test_image_and_video_equal_hf(qwen):
     """HF's model fed the same video patches, its image processor for the image, its get_rope_index."""
-    vlm = VLM.load(qwen.artifact)
+    vlms = runtimes(qwen)
     image, frames = photo("coffee", (100, 70)), video_frames()
-    got = vlm.generate(WITH_VIDEO, [image], [frames], max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    family = vlm.family
+    got = [vlm.generate(WITH_VIDEO, [image], [frames], max_new_tokens=NEW_TOKENS, ignore_eos=True) for vlm in vlms]
+    family = vlms[0].family
     video = family.prepare_video(frames, fps=24.0)  # load_video of bare frames: 24 fps, as HF's metadata default
     img = qwen.processor.image_processor(images=[image], return_tensors="pt")
     n_image = int(img["image_grid_thw"].prod()) // 4
@@ -101,7 +111,8 @@ def test_image_and_video_equal_hf(qwen):
     if cfg.model_type == "qwen2_5_vl":
         inputs["second_per_grid_ts"] = torch.tensor([2 / 24.0])
     assert video.meta["grid"][0] == 3  # 5 frames -> 3 temporal patches (the last frame repeated)
-    assert got.token_ids == _generate(qwen.model, inputs)[0]
+    want = _generate(qwen.model, inputs)[0]
+    assert [g.token_ids for g in got] == [want, want]
 
 
 def test_prefill_logits_match_hf(qwen):
@@ -137,7 +148,8 @@ def test_manifest_and_check_tensorrt(qwen):
     facts = vlm.facts
     assert facts.family == "qwen2_vl" and facts.positions == "mrope"
     assert set(facts.media) == {"image", "video"} and facts.pipeline["video"] == ["vision"]
-    assert vlm.manifest.graphs["decoder"].inputs[2].shape == (3, "batch", "seq")
+    for name in ("decoder", "decoder_gqa"):
+        assert vlm.manifest.graphs[name].inputs[2].shape == (3, "batch", "seq")
     windowed = qwen.model.config.model_type == "qwen2_5_vl"
     assert ("windows" in vlm.manifest.graphs["vision"].input_names) == windowed
     report = check_artifact(qwen.artifact, tensorrt=("10", BuildOptions()))
