@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate an answer with an exported model")
     r.add_argument("dir", help="artifact directory")
     r.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    r.add_argument("--video", action="append", default=[], help="video file (repeatable; families with video: qwen2_vl)")
+    r.add_argument("--video-fps", type=float, help="sample the videos at this many frames per second")
+    r.add_argument("--video-frames", type=int, help="sample this many frames from each video (default: all)")
+    r.add_argument("--min-pixels", type=int, help="per-image/frame pixel floor (qwen2_vl; default: the processor's)")
+    r.add_argument("--max-pixels", type=int, help="per-image/frame pixel ceiling (qwen2_vl; at most the artifact's)")
     r.add_argument("--prompt", required=True, help="user message (rendered with the chat template)")
     r.add_argument("--raw", action="store_true", help="pass --prompt as is, with <image> placeholders, no chat template")
     r.add_argument("--max-new-tokens", type=int, default=128)
@@ -105,12 +110,16 @@ def _run(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
     )
+    sampling.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None})
+    frames = {k: v for k, v in (("fps", args.video_fps), ("num_frames", args.video_frames)) if v is not None}
+    videos = [{"video": p, **frames} if frames else p for p in args.video]
     if args.raw:
         result, stream = vlm.generate, vlm.stream
-        inputs = (args.prompt, list(args.image))
+        inputs = (args.prompt, list(args.image), videos)
     else:
         result, stream = vlm.chat, vlm.chat_stream
-        content = [{"type": "image", "image": p} for p in args.image] + [{"type": "text", "text": args.prompt}]
+        content = ([{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p, **frames} for p in args.video]
+                   + [{"type": "text", "text": args.prompt}])
         inputs = ([{"role": "user", "content": content}],)
     if args.json:
         print(json.dumps(result(*inputs, **sampling).to_dict()))

@@ -220,7 +220,7 @@ class VLM:
         try:
             items = [self.family.prepare(load_image(i), **request.sizes) for i in request.images]
             for video in request.videos:
-                frames, meta = load_video(video)  # [F, H, W, 3]
+                frames, meta = load_video(*_video_source(video))  # [F, H, W, 3]
                 items.append(self.family.prepare_video(frames, meta.sampled_fps, **request.sizes))
         except ImageError:
             raise
@@ -296,6 +296,21 @@ def _pick_decoder(manifest: Manifest, backend: str) -> str:
     return usable[0]
 
 
+VIDEO_SAMPLING = ("fps", "num_frames")  # per-video frame sampling (as qwen-vl-utils' message items)
+
+
+def _video_source(video) -> tuple:
+    """A video item -> load_video's (source, num_frames, fps): a path, bytes or frames, or a dict
+    {"video": ..., "fps": f} / {"video": ..., "num_frames": n} choosing how frames are sampled."""
+    if not isinstance(video, dict):
+        return video, None, None
+    unknown = sorted(set(video) - {"video", *VIDEO_SAMPLING})
+    if "video" not in video or unknown:
+        raise PromptError(f"a video given as a dict needs 'video' (path, bytes or frames) and may have "
+                          f"{' / '.join(VIDEO_SAMPLING)}; got keys {sorted(video)}")
+    return video["video"], video.get("num_frames"), video.get("fps")
+
+
 def _media_list(items, what: str = "images") -> list:
     """A list of media (None: none); a lone path/bytes/PIL image is a mistake worth naming, not 70 'images'."""
     if items is None:
@@ -344,7 +359,8 @@ def _split_media(messages: list[dict]) -> tuple[dict[str, list], list[dict]]:
                     if kind not in item:
                         raise PromptError(f"an {kind} content item needs the {kind} under {kind!r} "
                                           f"({'PIL image, path or bytes' if kind == 'image' else 'path, bytes or frames'})")
-                    media[kind].append(item[kind])
+                    sampling = {k: item[k] for k in VIDEO_SAMPLING if k in item and kind == "video"}
+                    media[kind].append({"video": item[kind], **sampling} if sampling else item[kind])
                     item = {"type": kind}
                 new.append(item)
             m = dict(m, content=new)
