@@ -1,0 +1,500 @@
+"""runtime/qwen_images.py and runtime/video.py against transformers 5.24's Qwen2-VL processors.
+
+Images: bit for bit against ``Qwen2VLImageProcessorPil``. Videos: HF's ``Qwen2VLVideoProcessor``
+cannot be built without torchvision, but its module imports with a stand-in torchvision, so its
+own ``patchify`` and ``sample_frames`` (and video_utils' ``default_sample_indices_fn``) are the
+references; the per-frame resize/normalize reference is the PIL image processor's.
+"""
+
+import importlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmdeploy.runtime.images import ImageError
+from vlmdeploy.runtime.qwen_images import (
+    IMAGE_MAX_PIXELS,
+    IMAGE_MIN_PIXELS,
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    QwenVLPreprocessor,
+    pad_frames,
+    patchify,
+    smart_resize,
+    tokens_for,
+)
+from vlmdeploy.runtime.video import (
+    FrameSampling,
+    VideoError,
+    load_video,
+    sample_frame_indices,
+    uniform_frame_indices,
+)
+
+skdata = pytest.importorskip("skimage.data")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+from transformers import Qwen2VLImageProcessorPil  # noqa: E402
+from transformers.image_utils import SizeDict  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize  # noqa: E402
+from transformers.video_utils import VideoMetadata as HFVideoMetadata  # noqa: E402
+from transformers.video_utils import default_sample_indices_fn  # noqa: E402
+
+TOKENS = 28 * 28  # pixels per merged token
+
+
+def _photos():
+    chelsea, coffee = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
+    astronaut = Image.fromarray(skdata.astronaut())
+    return {
+        "chelsea": chelsea,  # 451x300
+        "astronaut": astronaut,  # 512x512
+        "coffee": coffee,  # 600x400
+        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
+        "odd": astronaut.resize((333, 211)),
+        "tiny": chelsea.resize((20, 13)),  # upscaled to min_pixels
+        "wide": astronaut.resize((1000, 6)),  # aspect 167 (under HF's 200)
+        "large": coffee.resize((1400, 1100)),  # downscaled to max_pixels
+    }
+
+
+PHOTOS = _photos()
+
+
+def _assert_same_as_hf(ours, hf_out):
+    patches, grid = ours
+    assert grid == tuple(hf_out["image_grid_thw"][0])
+    assert patches.dtype == np.float32 and patches.shape == hf_out["pixel_values"].shape
+    assert np.abs(patches - hf_out["pixel_values"]).max() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+@pytest.mark.parametrize("pixels", ["default", "small", "published"])
+def test_image_equals_hf(name, pixels):
+    config = {"default": {}, "small": {"min_pixels": 16 * TOKENS, "max_pixels": 64 * TOKENS},
+              "published": {"min_pixels": 3136, "max_pixels": 12845056}}[pixels]
+    hf = Qwen2VLImageProcessorPil(**config)
+    pre = QwenVLPreprocessor.from_dict(hf.to_dict())
+    _assert_same_as_hf(pre.image(PHOTOS[name]), hf(PHOTOS[name]))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK"])
+def test_image_modes_equal_hf(mode):
+    image = PHOTOS["odd"].convert(mode)
+    if mode == "RGBA":  # real transparency: HF composites onto white
+        alpha = np.tile(np.linspace(0, 255, image.width, dtype=np.uint8), (image.height, 1))
+        image.putalpha(Image.fromarray(alpha))
+    hf = Qwen2VLImageProcessorPil()
+    _assert_same_as_hf(QwenVLPreprocessor.from_dict(hf.to_dict()).image(image), hf(image))
+
+
+@pytest.mark.parametrize("lo, hi", [(4 * TOKENS, 16 * TOKENS), (256 * TOKENS, 512 * TOKENS), (3136, 3136)])
+def test_per_call_pixels_equal_hf_call_size(lo, hi):
+    hf = Qwen2VLImageProcessorPil()
+    pre = QwenVLPreprocessor.from_dict(hf.to_dict())
+    for name in ("chelsea", "portrait", "tiny"):
+        want = hf(PHOTOS[name], size={"shortest_edge": lo, "longest_edge": hi})
+        _assert_same_as_hf(pre.image(PHOTOS[name], min_pixels=lo, max_pixels=hi), want)
+
+
+@pytest.mark.parametrize("config", [
+    {"min_pixels": 3136, "max_pixels": 50000, "size": {"shortest_edge": 1, "longest_edge": 2}},  # top level wins
+    {"min_pixels": 5000, "max_pixels": 90000, "size": {"min_pixels": 1, "max_pixels": 2}},  # 4.4x legacy size
+    {"size": {"shortest_edge": 8000, "longest_edge": 40000}, "resample": 2, "image_mean": 0.5, "image_std": 0.25},
+    {"max_pixels": 60000, "do_normalize": False, "rescale_factor": 0.5},
+    {"max_pixels": 60000, "do_rescale": None},  # null flag: off, as HF
+    {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+     "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "max_pixels": 80000},
+])
+def test_configs_read_as_hf(config):
+    hf = Qwen2VLImageProcessorPil(**config)
+    pre = QwenVLPreprocessor.from_dict(config)
+    assert QwenVLPreprocessor.from_dict(pre.to_dict()) == pre
+    for name in ("chelsea", "tiny"):
+        _assert_same_as_hf(pre.image(PHOTOS[name]), hf(PHOTOS[name]))
+
+
+def test_to_dict_builds_the_same_hf_processor():
+    pre = QwenVLPreprocessor(min_pixels=5000, max_pixels=70000, resample=2)
+    hf = Qwen2VLImageProcessorPil(**pre.to_dict())
+    _assert_same_as_hf(pre.image(PHOTOS["coffee"]), hf(PHOTOS["coffee"]))
+
+
+def test_qwen2_5_vl_uses_the_qwen2_vl_classes():
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    assert IMAGE_PROCESSOR_MAPPING_NAMES["qwen2_5_vl"] == IMAGE_PROCESSOR_MAPPING_NAMES["qwen2_vl"]
+    assert VIDEO_PROCESSOR_MAPPING_NAMES["qwen2_5_vl"] == VIDEO_PROCESSOR_MAPPING_NAMES["qwen2_vl"]
+
+
+def test_smart_resize_equals_hf_on_a_sweep():
+    rng = np.random.default_rng(0)
+    sides = np.unique(np.concatenate([np.arange(1, 80), rng.integers(1, 5000, 300)]))
+    for lo, hi in [(IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS), (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS), (784, 784 * 16)]:
+        for h in sides:
+            for w in rng.choice(sides, 12):
+                h, w = int(h), int(w)
+                if max(h, w) / min(h, w) > 200:
+                    continue
+                assert smart_resize(h, w, 28, lo, hi) == hf_smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
+
+
+def test_grid_thw_and_tokens_without_pixels():
+    pre = QwenVLPreprocessor()
+    assert pre.grid_thw(720, 1280) == (1, 52, 92)  # smart_resize(720, 1280) = (728, 1288); 14-pixel patches
+    assert pre.grid_thw(720, 1280, frames=32) == (16, 52, 92)
+    assert pre.grid_thw(720, 1280, frames=33) == (17, 52, 92)  # the last frame repeated
+    assert tokens_for((1, 52, 92), 2) == 1196 and tokens_for((16, 52, 92), 2) == 16 * 1196
+    patches, grid = pre.image(PHOTOS["chelsea"])
+    assert grid == pre.grid_thw(300, 451) and len(patches) == np.prod(grid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos: HF's own video code, imported with a stand-in torchvision
+
+
+@pytest.fixture(scope="module")
+def hf_video():
+    """transformers' Qwen2VLVideoProcessor class (not instantiable here: its methods are called unbound)."""
+    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+             "torchvision.transforms.v2.functional"]
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules.update({n: types.ModuleType(n) for n in names})
+    try:
+        module = importlib.import_module("transformers.models.qwen2_vl.video_processing_qwen2_vl")
+    finally:
+        for n, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = previous
+    return module.Qwen2VLVideoProcessor
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("hw, temporal, merge", [((28, 56), 2, 2), ((84, 28), 2, 2), ((42, 42), 3, 1),
+                                                  ((56, 28), 1, 2)])
+def test_pad_and_patchify_equal_hf(hf_video, frames, hw, temporal, merge):
+    x = np.random.default_rng(frames).standard_normal((frames, 3, *hw)).astype(np.float32)  # [F, C, H, W]
+    want, gt, gh, gw = hf_video.patchify(None, torch.from_numpy(x)[None], 14, merge, temporal)
+    got = patchify(pad_frames(x, temporal), 14, merge, temporal)
+    assert got.shape == want[0].shape and (gt, gh, gw) == (-(-frames // temporal), hw[0] // 14, hw[1] // 14)
+    assert np.array_equal(got, want[0].numpy())
+
+
+def _hf_video_reference(hf_video, frames, min_pixels, max_pixels):
+    """HF's video pipeline with the PIL image processor's per-frame steps (HF's resize there is torchvision's)."""
+    image_pro = Qwen2VLImageProcessorPil()
+    size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
+    chw = [image_pro.process_image(f, do_convert_rgb=True) for f in frames]
+    out = [image_pro.normalize(image_pro.rescale(image_pro.resize(f, size, 3, 28), 1 / 255),
+                               image_pro.image_mean, image_pro.image_std) for f in chw]
+    video = torch.from_numpy(np.stack(out).astype(np.float32))[None]  # [1, F, C, H, W]
+    patches, *grid = hf_video.patchify(None, video, 14, 2, 2)
+    return patches[0].numpy(), tuple(grid)
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 6])
+def test_video_equals_hf_video_pipeline(hf_video, count):
+    clip = [PHOTOS["coffee"].rotate(10 * i) for i in range(count)]
+    pre = QwenVLPreprocessor.from_dict({}, video=True)
+    want_patches, want_grid = _hf_video_reference(hf_video, clip, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+    patches, grid = pre.video(clip)
+    assert grid == want_grid and np.abs(patches - want_patches).max() == 0
+    array_patches, _ = pre.video(np.stack([np.asarray(f) for f in clip]))  # uint8 [F, H, W, 3]
+    assert np.array_equal(array_patches, patches)
+    assert grid[0] * grid[1] * grid[2] == hf_video.get_num_of_video_patches(
+        types.SimpleNamespace(size=pre.to_dict()["size"], patch_size=14, merge_size=2, temporal_patch_size=2),
+        count, 400, 600, {})
+
+
+@pytest.mark.parametrize("count, repeats", [(2, 1), (3, 2), (4, 2), (7, 4)])
+def test_video_of_one_picture_is_the_image_repeated(count, repeats):
+    """HF treats an image as temporal_patch_size equal frames: the verified image path anchors video()."""
+    pre = QwenVLPreprocessor(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
+    image_patches, (t, h, w) = pre.image(PHOTOS["chelsea"])
+    patches, grid = pre.video([PHOTOS["chelsea"]] * count)
+    assert grid == (repeats, h, w) and t == 1
+    assert np.array_equal(patches, np.tile(image_patches, (repeats, 1)))
+
+
+def test_video_defaults_differ_from_images_and_fall_back_like_hf():
+    """Absent keys take the video class's size; a checkpoint with only preprocessor_config.json gives its
+    min/max_pixels to videos too (HF loads the video processor from that file)."""
+    video = QwenVLPreprocessor.from_dict({}, video=True)
+    assert (video.min_pixels, video.max_pixels) == (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+    published = {"min_pixels": 3136, "max_pixels": 12845056, "image_processor_type": "Qwen2VLImageProcessor"}
+    video = QwenVLPreprocessor.from_dict(published, video=True)
+    assert (video.min_pixels, video.max_pixels) == (3136, 12845056)
+
+
+def test_cap_pixels_per_frame_bounds_long_videos():
+    pre = QwenVLPreprocessor(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS, cap_pixels_per_frame=True,
+                             max_video_tokens=16000)
+    budget = int(16000 * TOKENS * 0.9)  # 11,289,600 pixels for the whole video
+    for frames, cap in [(400, int(VIDEO_MIN_PIXELS * 1.05)), (150, budget * 2 // 150)]:  # floor / even share
+        assert cap == max(min(VIDEO_MAX_PIXELS, budget * 2 // frames), int(VIDEO_MIN_PIXELS * 1.05))
+        assert pre.resized_size(1080, 1920, frames=frames) == smart_resize(1080, 1920, 28, VIDEO_MIN_PIXELS, cap)
+        assert smart_resize(1080, 1920, 28, VIDEO_MIN_PIXELS, cap) != smart_resize(1080, 1920, 28, VIDEO_MIN_PIXELS,
+                                                                                   VIDEO_MAX_PIXELS)
+    assert pre.resized_size(1080, 1920, frames=2) == smart_resize(1080, 1920, 28, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame sampling
+
+
+def _hf_sample(hf_video, total, video_fps, **kw):
+    self = types.SimpleNamespace(num_frames=None, fps=None, temporal_patch_size=2, min_frames=4, max_frames=768)
+    return hf_video.sample_frames(self, HFVideoMetadata(total_num_frames=total, fps=video_fps), **kw).numpy()
+
+
+@pytest.mark.parametrize("total, video_fps, kw, want", [
+    (100, 30.0, {"fps": 2}, [0, 16, 33, 50, 66, 83]),  # 6.67 frames -> 6
+    (10, 24.0, {"num_frames": 5}, [0, 2, 5, 7]),  # round(2.5) = 2 -> 4 frames
+    (10, 24.0, {"num_frames": 7}, [0, 1, 2, 3, 5, 6, 7, 8]),  # round(3.5) = 4 -> 8 frames
+    (10, 10.0, {"fps": 1}, [0, 2, 5, 7]),  # 1 frame, raised to min_frames 4
+    (9, 3.0, {}, list(range(9))),  # neither: all frames (HF's default)
+    (1000, 10.0, {"fps": 5, "max_frames": 64}, [int(np.float32(i * 15.625)) for i in range(64)]),
+    (7, 30.0, {"fps": 30}, [0, 1, 2, 3, 4, 5]),  # 7 frames, floored to 6: 0, 1.17, 2.33, 3.5, 4.67, 5.83
+    (30, 24.0, {"num_frames": 10}, [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]),
+])
+def test_sample_frame_indices_by_hand(hf_video, total, video_fps, kw, want):
+    assert sample_frame_indices(total, video_fps, **kw).tolist() == want
+    if kw:  # neither: HF does not sample (do_sample_frames off); its sample_frames would compare None > int
+        assert _hf_sample(hf_video, total, video_fps, **kw).tolist() == want
+
+
+def test_sample_frame_indices_equal_hf_on_a_sweep(hf_video):
+    for total in range(2, 90):
+        for video_fps in (1.0, 7.5, 24.0, 29.97):
+            for kw in [{"num_frames": n} for n in range(2, total + 1, 3)] + [{"fps": f} for f in (0.5, 1, 2, 4)]:
+                try:
+                    want = _hf_sample(hf_video, total, video_fps, **kw)
+                except ValueError as e:  # num_frames rounded up past the video
+                    with pytest.raises(ValueError, match="is more than the video's"):
+                        sample_frame_indices(total, video_fps, **kw)
+                    assert "exceeds" in str(e)
+                    continue
+                got = sample_frame_indices(total, video_fps, **kw)
+                if len(want) and want[-1] == total:  # HF's float32 overshoot: one index past the end
+                    want = want[:-1]
+                assert got.tolist() == want.tolist(), (total, video_fps, kw)
+
+
+def test_hf_overshoots_and_ours_does_not(hf_video):
+    want = _hf_sample(hf_video, 17, 24.0, num_frames=14)
+    assert len(want) == 15 and want[-1] == 17  # HF: 15 indices for 14 frames, the last past the end
+    got = sample_frame_indices(17, 24.0, num_frames=14)
+    assert len(got) == 14 and got.tolist() == want[:-1].tolist()
+
+
+def test_uniform_frame_indices_equal_hf():
+    for total in range(1, 70):
+        for kw in [{}] + [{"num_frames": n} for n in range(1, total + 1)] + [{"fps": f} for f in (0.3, 1, 2.5)]:
+            meta = HFVideoMetadata(total_num_frames=total, fps=24.0)
+            want = default_sample_indices_fn(meta, **kw)
+            assert uniform_frame_indices(total, 24.0, **kw).tolist() == want.tolist(), (total, kw)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: sample_frame_indices(10, 24.0, num_frames=4, fps=2), "exclusive"),
+    (lambda: sample_frame_indices(10, None, fps=2), "frame rate"),
+    (lambda: sample_frame_indices(10, 24.0, num_frames=12), "more than the video's 10 frames"),
+    (lambda: sample_frame_indices(10, 24.0, num_frames=1), "rounds to 0"),
+    (lambda: sample_frame_indices(0, 24.0), "total_frames must be a positive integer"),
+    (lambda: sample_frame_indices(10, 24.0, fps=-1), "fps must be a positive number"),
+    (lambda: uniform_frame_indices(5, 24.0, num_frames=6), "more than the video's 5 frames"),
+    (lambda: FrameSampling(rule="linspace"), "qwen2_vl"),
+])
+def test_sampling_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_a_clip_shorter_than_a_temporal_patch_keeps_its_frame():
+    assert sample_frame_indices(1, 24.0, fps=2).tolist() == [0]  # HF: ZeroDivisionError
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding with PyAV
+
+COLOURS = [(20 * i, 255 - 20 * i, (67 * i) % 256) for i in range(12)]
+
+
+def _write_video(path, codec, pix_fmt, rate=24):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for colour in COLOURS:
+            frame = np.empty((48, 64, 3), np.uint8)
+            frame[:] = colour
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture(scope="module", params=[("clip.mov", "png", "rgb24"), ("clip.mkv", "ffv1", "bgr0")])
+def lossless_clip(request, tmp_path_factory):
+    """12 frames of 64x48, one colour each, 24 fps. Matroska does not store the frame count (it is counted)."""
+    name, codec, pix_fmt = request.param
+    return _write_video(tmp_path_factory.mktemp("video") / name, codec, pix_fmt)
+
+
+@pytest.mark.parametrize("kw, indices", [
+    ({}, list(range(12))),
+    ({"num_frames": 4}, [0, 3, 6, 9]),
+    ({"fps": 12}, [0, 2, 4, 6, 8, 10]),  # 12 / 24 * 12 = 6 frames
+    ({"fps": 1}, [0, 3, 6, 9]),  # 0.5 frames, raised to min_frames 4
+])
+def test_load_video_samples_the_right_frames(lossless_clip, kw, indices):
+    frames, meta = load_video(lossless_clip, **kw)
+    assert frames.dtype == np.uint8 and frames.shape == (len(indices), 48, 64, 3)
+    assert [tuple(f[24, 32]) for f in frames] == [COLOURS[i] for i in indices]
+    assert (frames == frames[:, :1, :1]).all()  # each frame one colour
+    assert meta.total_frames == 12 and meta.fps == 24.0 and meta.duration == 0.5
+    assert meta.frame_indices == tuple(indices)
+    assert meta.sampled_fps == len(indices) / 12 * 24
+
+
+def test_load_video_from_bytes_and_uniform_rule(lossless_clip):
+    frames, meta = load_video(lossless_clip.read_bytes(), num_frames=5, sampling=FrameSampling(rule="uniform"))
+    assert meta.frame_indices == (0, 2, 4, 7, 9)
+    assert [tuple(f[0, 0]) for f in frames] == [COLOURS[i] for i in (0, 2, 4, 7, 9)]
+
+
+def test_load_video_lossy_codec_keeps_order(tmp_path):
+    path = _write_video(tmp_path / "clip.mp4", "libx264", "yuv444p")
+    frames, meta = load_video(path, num_frames=6)
+    assert meta.frame_indices == (0, 2, 4, 6, 8, 10)
+    got = np.array([f[24, 32] for f in frames], np.int64)
+    want = np.array([COLOURS[i] for i in meta.frame_indices], np.int64)
+    assert np.abs(got - want).max() <= 8
+
+
+def test_load_video_from_frames():
+    pictures = [Image.new("RGB", (32, 16), c) for c in COLOURS[:6]]
+    frames, meta = load_video(pictures, num_frames=2)
+    assert frames.shape == (2, 16, 32, 3) and meta.frame_indices == (0, 3) and meta.fps is None
+    assert meta.sampled_fps == 24.0  # HF's value without a frame rate
+    frames, meta = load_video(np.stack([np.asarray(p) for p in pictures]), fps=2, video_fps=4.0)
+    assert meta.frame_indices == (0, 1, 3, 4) and meta.duration == 1.5  # 3 frames -> min_frames 4
+    rgba = [p.convert("RGBA") for p in pictures]
+    assert np.array_equal(load_video(rgba)[0], load_video(pictures)[0])
+
+
+def test_video_budgets_name_their_knob(lossless_clip, tmp_path):
+    with pytest.raises(VideoError, match="max_frames=8; sample fewer with num_frames= or fps="):
+        load_video(lossless_clip, max_frames=8)
+    with pytest.raises(VideoError, match="max_decoded_pixels=10,000"):
+        load_video(lossless_clip, num_frames=4, max_decoded_pixels=10_000)
+    with pytest.raises(VideoError, match="max_file_bytes=100"):
+        load_video(lossless_clip, max_file_bytes=100)
+    with pytest.raises(VideoError, match="max_file_bytes=100"):
+        load_video(lossless_clip.read_bytes(), max_file_bytes=100)
+    with pytest.raises(VideoError, match="max_frames=3"):
+        load_video([np.zeros((4, 4, 3), np.uint8)] * 5, max_frames=3)
+
+
+@pytest.mark.parametrize("source, match", [
+    ("https://example.com/clip.mp4", "is a URL"),
+    ("/nonexistent/clip.mp4", "does not exist"),
+    ("/tmp", "not a regular file"),
+    (b"not a video at all" * 10, "not a readable video"),
+    (42, "allowed: a path"),
+    ([], "at least one frame"),
+    ([np.zeros((4, 4), np.uint8)], r"frames\[0\] is uint8 \[4, 4\]"),
+    ([np.zeros((4, 4, 3), np.float32)], "a uint8"),
+    ([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)], "must have one size"),
+])
+def test_bad_video_sources(source, match):
+    pytest.importorskip("av")
+    with pytest.raises(VideoError, match=match):
+        load_video(source)
+
+
+def test_missing_pyav_says_how_to_install(monkeypatch, lossless_clip):
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(VideoError, match=r"pip install vlmdeploy\[video\]"):
+        load_video(lossless_clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad images, requests and configs
+
+
+def test_request_over_the_limit_is_refused():
+    pre = QwenVLPreprocessor(max_pixels=64 * TOKENS, max_pixels_limit=256 * TOKENS)
+    assert pre.image(PHOTOS["coffee"], max_pixels=256 * TOKENS)[1] == (1, 26, 38)  # within the limit
+    with pytest.raises(ValueError, match=r"requested max_pixels 200,705 is over the limit .*max_pixels_limit"):
+        pre.image(PHOTOS["coffee"], max_pixels=256 * TOKENS + 1)
+    with pytest.raises(ValueError, match="requested min_pixels 60,000 is over max_pixels 50,176"):
+        pre.image(PHOTOS["coffee"], min_pixels=60_000)
+    with pytest.raises(ValueError, match="requested max_pixels must be a positive integer"):
+        pre.image(PHOTOS["coffee"], max_pixels=0)
+    with pytest.raises(ValueError, match="over max_pixels_limit"):
+        QwenVLPreprocessor(max_pixels=10**6, max_pixels_limit=10**5)
+
+
+def test_resize_overshooting_the_limit_is_refused():
+    """smart_resize can exceed max_pixels (ceil on the min_pixels side): the limit holds on the result."""
+    pre = QwenVLPreprocessor(min_pixels=TOKENS, max_pixels=4 * TOKENS)
+    assert smart_resize(1000, 5, 28, TOKENS, 4 * TOKENS) == (420, 28)  # 15 tokens for a max of 4
+    with pytest.raises(ValueError, match=r"resizes to 28x420 = 11,760 pixels, over the limit of 3,136"):
+        pre.grid_thw(1000, 5)
+
+
+@pytest.mark.parametrize("image, match", [
+    (Image.new("RGB", (0, 5)), "empty"),
+    (Image.new("RGB", (1005, 5)), "aspect ratio of 201.0; Qwen2-VL preprocessing allows at most 200"),
+    (np.zeros((5, 5, 3), np.uint8), "expected a PIL.Image.Image"),
+])
+def test_bad_images(image, match):
+    with pytest.raises(ValueError, match=match):
+        QwenVLPreprocessor().image(image)
+
+
+def test_bad_video_frames():
+    pre = QwenVLPreprocessor()
+    with pytest.raises(ImageError, match="at least one frame"):
+        pre.video([])
+    with pytest.raises(ImageError, match=r"uint8 \[frames, height, width, 3\]"):
+        pre.video(np.zeros((2, 28, 28, 3), np.float32))
+    with pytest.raises(ImageError, match="one size"):
+        pre.video([Image.new("RGB", (28, 28)), Image.new("RGB", (56, 28))])
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"image_processor_type": "CLIPImageProcessor"}, "not a Qwen2-VL processor"),
+    ({"image_processor": {}}, "whole processor config"),
+    ({"size": {"shortest_edge": 3136}}, "exactly \"shortest_edge\""),
+    ({"size": 448}, "size must be"),
+    ({"max_pixels": "big"}, "max_pixels must be a positive integer"),
+    ({"min_pixels": 2 * 10**6}, "min_pixels 2,000,000 is over max_pixels 1,003,520"),
+    ({"patch_size": 0}, "patch_size must be a positive integer"),
+    ({"do_resize": "yes"}, "do_resize must be true or false"),
+    ({"image_std": [0.5, 0, 0.5]}, "image_std must not contain 0"),
+    ({"image_mean": [0.5, 0.5]}, "3 values"),
+    ({"resample": 9}, "resample must be a PIL code"),
+])
+def test_bad_configs(config, match):
+    with pytest.raises(ValueError, match=match):
+        QwenVLPreprocessor.from_dict(config)
+
+
+def test_modules_import_neither_torch_transformers_nor_av():
+    code = ("import sys, vlmdeploy.runtime.qwen_images, vlmdeploy.runtime.video; "
+            "bad = [m for m in ('torch', 'transformers', 'av') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
