@@ -93,12 +93,15 @@ def patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patc
     return x.reshape(gt * gh * gw, c * t * p * p)
 
 
-def pad_frames(frames: np.ndarray, temporal_patch_size: int) -> np.ndarray:
-    """[F, ...] -> [F', ...], F' the next multiple of temporal_patch_size, by repeating the last frame (as HF)."""
+def pad_frames(frames: Sequence, temporal_patch_size: int) -> Sequence:
+    """[F, ...] -> [F', ...] (an array or a list), F' the next multiple of temporal_patch_size, by
+    repeating the last frame (as HF)."""
     pad = -len(frames) % temporal_patch_size
     if not pad:
         return frames
-    return np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    if isinstance(frames, np.ndarray):
+        return np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    return [*frames, *[frames[-1]] * pad]
 
 
 @dataclass(frozen=True)
@@ -186,11 +189,9 @@ class QwenVLPreprocessor:
                      max_pixels: int | None = None) -> tuple[int, int]:
         """(h, w) an image (frames=1) or a video's frames are resized to."""
         lo, hi = self.pixel_range(min_pixels, max_pixels)
-        if not self.do_resize:
-            return height, width
         if self.cap_pixels_per_frame and frames > 1:
             hi = _video_pixel_cap(hi, lo, frames, self.factor, self.temporal_patch_size, self.max_video_tokens)
-        h, w = smart_resize(height, width, self.factor, lo, hi)
+        h, w = smart_resize(height, width, self.factor, lo, hi) if self.do_resize else (height, width)
         _check_resized(height, width, h, w, self.max_pixels_limit or self.max_pixels)
         return h, w
 
@@ -222,8 +223,16 @@ class QwenVLPreprocessor:
         """
         rgb = self._video_rgb(frames)  # F x [H, W, 3] uint8
         size = self.resized_size(*rgb[0].shape[:2], len(rgb), min_pixels, max_pixels)
-        x = np.stack([self._normalized(self._resized(f, size)) for f in rgb])  # [F, C, h, w]
-        return self._patches(pad_frames(x, self.temporal_patch_size))
+        rgb, t = pad_frames(rgb, self.temporal_patch_size), self.temporal_patch_size  # F' x [H, W, 3]
+        groups = [rgb[i:i + t] for i in range(0, len(rgb), t)]
+        out = None  # [t*h*w, C*T*P*P], filled one temporal patch at a time: the only big array
+        for i, group in enumerate(groups):
+            x = np.stack([self._normalized(self._resized(f, size)) for f in group])  # [T, C, h, w]
+            patches, (_, h, w) = self._patches(x)  # [h*w, C*T*P*P]
+            if out is None:
+                out = np.empty((len(groups) * len(patches), patches.shape[1]), np.float32)
+            out[i * len(patches):(i + 1) * len(patches)] = patches
+        return out, (len(groups), h, w)
 
     def _patches(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         f, _, h, w = frames.shape  # [F, C, h, w]

@@ -122,6 +122,17 @@ def test_configs_read_as_hf(config):
         _assert_same_as_hf(pre.image(PHOTOS[name]), hf(PHOTOS[name]))
 
 
+def test_no_resize_equals_hf_and_is_still_limited():
+    hf = Qwen2VLImageProcessorPil(do_resize=False)
+    pre = QwenVLPreprocessor.from_dict(hf.to_dict())
+    image = PHOTOS["coffee"].resize((84, 56))
+    _assert_same_as_hf(pre.image(image), hf(image))
+    with pytest.raises(ValueError, match="not a multiple of patch_size\\*merge_size = 28"):
+        pre.image(PHOTOS["coffee"])
+    with pytest.raises(ValueError, match="over the limit of 3,136"):
+        QwenVLPreprocessor(do_resize=False, max_pixels=3136).image(image)
+
+
 def test_to_dict_builds_the_same_hf_processor():
     pre = QwenVLPreprocessor(min_pixels=5000, max_pixels=70000, resample=2)
     hf = Qwen2VLImageProcessorPil(**pre.to_dict())
@@ -319,6 +330,19 @@ def test_uniform_frame_indices_equal_hf():
 def test_sampling_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_frame_sampling_from_hf_config(hf_video):
+    config = {"min_frames": 2, "max_frames": 10, "video_processor_type": "Qwen2VLVideoProcessor"}
+    sampling = FrameSampling.from_dict(config)
+    assert (sampling.min_frames, sampling.max_frames, sampling.temporal_patch_size) == (2, 10, 2)
+    self = types.SimpleNamespace(num_frames=None, fps=None, temporal_patch_size=2, min_frames=2, max_frames=10)
+    for total, video_fps, fps in [(100, 30.0, 0.1), (100, 30.0, 5), (40, 24.0, 2)]:
+        want = hf_video.sample_frames(self, HFVideoMetadata(total_num_frames=total, fps=video_fps), fps=fps).numpy()
+        assert sampling.indices(total, video_fps, fps=fps).tolist() == want.tolist()
+    assert FrameSampling.from_dict({}) == FrameSampling()
+    with pytest.raises(ValueError, match="LlavaOnevisionVideoProcessor.*no frame sampling rule"):
+        FrameSampling.from_dict({"video_processor_type": "LlavaOnevisionVideoProcessor"})
 
 
 def test_a_clip_shorter_than_a_temporal_patch_keeps_its_frame():
