@@ -6,10 +6,11 @@ conversion, ``smart_resize`` to a multiple of ``patch_size * merge_size`` with t
 [min_pixels, max_pixels], Pillow resize on uint8, float64 rescale cast to float32, float32 normalize,
 then the patch layout the vision tower reads (one row per patch, merge-size blocks contiguous).
 
-Videos follow ``Qwen2VLVideoProcessor``'s rules (one smart_resize for all frames, frames padded
-to a multiple of ``temporal_patch_size`` by repeating the last one, consecutive frames paired in
-time) with the image pipeline's Pillow resize; transformers resizes video frames with torchvision
-instead, which rounds differently (a few 1/255 steps at most), so videos are not bit-exact.
+Videos reproduce ``Qwen2VLVideoProcessor`` (which needs torchvision, so is checked against its own
+code with torch standing in for torchvision): one smart_resize for all frames, torchvision's resize
+(torch's antialiased uint8 kernel, ported in resize_aa.py; it differs from Pillow's by 1-2 levels on
+a few pixels), the fused rescale+normalize in float32, frames padded to a multiple of
+``temporal_patch_size`` by repeating the last one, consecutive frames paired in time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .images import (
     check_triple,
     to_rgb,
 )
+from .resize_aa import resize_uint8_aa
 
 MAX_ASPECT_RATIO = 200  # smart_resize refuses a longer side over 200x the shorter (as HF)
 
@@ -227,7 +229,7 @@ class QwenVLPreprocessor:
         groups = [rgb[i:i + t] for i in range(0, len(rgb), t)]
         out = None  # [t*h*w, C*T*P*P], filled one temporal patch at a time: the only big array
         for i, group in enumerate(groups):
-            x = np.stack([self._normalized(self._resized(f, size)) for f in group])  # [T, C, h, w]
+            x = np.stack([self._frame_normalized(self._frame_resized(f, size)) for f in group])  # [T, C, h, w]
             patches, (_, h, w) = self._patches(x)  # [h*w, C*T*P*P]
             if out is None:
                 out = np.empty((len(groups) * len(patches), patches.shape[1]), np.float32)
@@ -259,6 +261,20 @@ class QwenVLPreprocessor:
             mean = np.asarray(self.image_mean, np.float32)[:, None, None]
             x = (x - mean) / np.asarray(self.image_std, np.float32)[:, None, None]
         return x
+
+    def _frame_resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """[H, W, 3] uint8 -> [h, w, 3] uint8, as torchvision resizes video frames."""
+        return resize_uint8_aa(pixels, size, self.resample) if self.do_resize else pixels
+
+    def _frame_normalized(self, pixels: np.ndarray) -> np.ndarray:
+        """[h, w, 3] uint8 -> [3, h, w] float32, HF's torchvision arithmetic: rescale fused into
+        mean and std (mean / rescale_factor, std / rescale_factor), then (x - mean) / std in float32."""
+        x = pixels.transpose(2, 0, 1).astype(np.float32)
+        if self.do_normalize:
+            unscale = np.float32(1.0 / self.rescale_factor if self.do_rescale else 1.0)
+            mean = (np.asarray(self.image_mean, np.float32) * unscale)[:, None, None]
+            return (x - mean) / (np.asarray(self.image_std, np.float32) * unscale)[:, None, None]
+        return x * np.float32(self.rescale_factor) if self.do_rescale else x
 
     def _rgb(self, image: Any, name: str) -> np.ndarray:
         """A PIL image -> [H, W, 3] uint8."""

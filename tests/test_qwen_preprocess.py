@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from vlmdeploy.runtime.images import ImageError
+from vlmdeploy.runtime.resize_aa import resize_uint8_aa
 from vlmdeploy.runtime.qwen_images import (
     IMAGE_MAX_PIXELS,
     IMAGE_MIN_PIXELS,
@@ -39,7 +40,6 @@ skdata = pytest.importorskip("skimage.data")
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 from transformers import Qwen2VLImageProcessorPil  # noqa: E402
-from transformers.image_utils import SizeDict  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize  # noqa: E402
 from transformers.video_utils import VideoMetadata as HFVideoMetadata  # noqa: E402
 from transformers.video_utils import default_sample_indices_fn  # noqa: E402
@@ -202,40 +202,66 @@ def test_pad_and_patchify_equal_hf(hf_video, frames, hw, temporal, merge):
     assert np.array_equal(got, want[0].numpy())
 
 
-def _hf_video_reference(hf_video, frames, min_pixels, max_pixels):
-    """HF's video pipeline with the PIL image processor's per-frame steps (HF's resize there is torchvision's)."""
-    image_pro = Qwen2VLImageProcessorPil()
-    size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
-    chw = [image_pro.process_image(f, do_convert_rgb=True) for f in frames]
-    out = [image_pro.normalize(image_pro.rescale(image_pro.resize(f, size, 3, 28), 1 / 255),
-                               image_pro.image_mean, image_pro.image_std) for f in chw]
-    video = torch.from_numpy(np.stack(out).astype(np.float32))[None]  # [1, F, C, H, W]
-    patches, *grid = hf_video.patchify(None, video, 14, 2, 2)
+def _torchvision_resize(frames, size, resample):
+    """What torchvision's resize(antialias=True) runs for uint8 frames on a CPU (bicubic; bilinear with AVX2):
+    torch's interpolate on the uint8 tensor (torchvision's `_do_native_uint8_resize_on_cpu`)."""
+    mode = {2: "bilinear", 3: "bicubic"}[resample]
+    return torch.nn.functional.interpolate(frames, size=list(size), mode=mode, antialias=True, align_corners=False)
+
+
+def _hf_video_reference(hf_video, clip, pre):
+    """Qwen2VLVideoProcessor._preprocess step by step: its resize rule (smart_resize, then torchvision's
+    resize), its rescale_and_normalize (HF's fusing, then torchvision's normalize: sub, div), its patchify."""
+    video = torch.from_numpy(np.stack(clip)).permute(0, 3, 1, 2).contiguous()  # [F, C, H, W] uint8
+    size = smart_resize(*video.shape[-2:], pre.factor, pre.min_pixels, pre.max_pixels)
+    video = _torchvision_resize(video, size, pre.resample)
+    mean, std, do_rescale = hf_video._fuse_mean_std_and_rescale_factor(
+        None, do_normalize=True, image_mean=pre.image_mean, image_std=pre.image_std, do_rescale=True,
+        rescale_factor=pre.rescale_factor, device=None)
+    assert not do_rescale
+    video = video.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+    patches, *grid = hf_video.patchify(None, video[None], pre.patch_size, pre.merge_size, pre.temporal_patch_size)
     return patches[0].numpy(), tuple(grid)
 
 
-@pytest.mark.parametrize("count", [1, 2, 5, 6])
-def test_video_equals_hf_video_pipeline(hf_video, count):
-    clip = [PHOTOS["coffee"].rotate(10 * i) for i in range(count)]
-    pre = QwenVLPreprocessor.from_dict({}, video=True)
-    want_patches, want_grid = _hf_video_reference(hf_video, clip, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
-    patches, grid = pre.video(clip)
+@pytest.mark.parametrize("count", [1, 2, 5])
+@pytest.mark.parametrize("config", [{}, {"max_pixels": 200 * TOKENS, "resample": 2}, {"min_pixels": 600 * TOKENS}])
+def test_video_equals_hf_video_pipeline(hf_video, count, config):
+    clip = [np.asarray(PHOTOS["coffee"].rotate(10 * i)) for i in range(count)]  # [400, 600, 3] uint8
+    pre = QwenVLPreprocessor.from_dict(config, video=True)
+    want_patches, want_grid = _hf_video_reference(hf_video, clip, pre)
+    patches, grid = pre.video(np.stack(clip))
     assert grid == want_grid and np.abs(patches - want_patches).max() == 0
-    array_patches, _ = pre.video(np.stack([np.asarray(f) for f in clip]))  # uint8 [F, H, W, 3]
-    assert np.array_equal(array_patches, patches)
+    pil_patches, _ = pre.video([Image.fromarray(f) for f in clip])
+    assert np.array_equal(pil_patches, patches)
     assert grid[0] * grid[1] * grid[2] == hf_video.get_num_of_video_patches(
         types.SimpleNamespace(size=pre.to_dict()["size"], patch_size=14, merge_size=2, temporal_patch_size=2),
         count, 400, 600, {})
 
 
+@pytest.mark.parametrize("resample", [2, 3])
+def test_resize_uint8_aa_equals_torch(resample):
+    photo = skdata.astronaut()[:301, :457]  # [301, 457, 3]
+    for size in [(301, 200), (150, 457), (308, 448), (28, 56), (602, 700), (900, 140), (3, 5)]:
+        want = _torchvision_resize(torch.from_numpy(photo).permute(2, 0, 1)[None].contiguous(), size, resample)
+        got = resize_uint8_aa(photo, size, resample)
+        assert np.array_equal(got, want[0].permute(1, 2, 0).numpy()), size
+    pil = np.asarray(Image.fromarray(photo).resize((448, 308), resample))
+    assert 0 < np.abs(pil.astype(int) - resize_uint8_aa(photo, (308, 448), resample)).max() <= 2  # not Pillow's
+
+
 @pytest.mark.parametrize("count, repeats", [(2, 1), (3, 2), (4, 2), (7, 4)])
 def test_video_of_one_picture_is_the_image_repeated(count, repeats):
-    """HF treats an image as temporal_patch_size equal frames: the verified image path anchors video()."""
+    """HF treats an image as temporal_patch_size equal frames: the verified image path anchors video().
+    At a size smart_resize keeps (no resampling), only the float32 rounding of the normalization differs
+    (the video processor fuses rescale into mean/std)."""
+    picture = PHOTOS["chelsea"].resize((448, 308))  # smart_resize(308, 448) == (308, 448)
     pre = QwenVLPreprocessor(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
-    image_patches, (t, h, w) = pre.image(PHOTOS["chelsea"])
-    patches, grid = pre.video([PHOTOS["chelsea"]] * count)
+    image_patches, (t, h, w) = pre.image(picture)
+    patches, grid = pre.video([picture] * count)
     assert grid == (repeats, h, w) and t == 1
-    assert np.array_equal(patches, np.tile(image_patches, (repeats, 1)))
+    assert np.abs(patches - np.tile(image_patches, (repeats, 1))).max() < 2e-6
+    assert np.array_equal(patches[: len(image_patches)], patches[-len(image_patches):])
 
 
 def test_video_defaults_differ_from_images_and_fall_back_like_hf():
