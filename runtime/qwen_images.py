@@ -111,8 +111,10 @@ class QwenVLPreprocessor:
     """Settings of one transformers Qwen2-VL processor (the image one or the video one).
 
     ``min_pixels``/``max_pixels`` are HF's ``size["shortest_edge"]``/``size["longest_edge"]``: the
-    defaults of a call. A call may ask for others, up to ``max_pixels_limit`` (None: up to
-    ``max_pixels``), the hard ceiling set at load or build time so a request cannot outgrow memory.
+    defaults of a call. ``max_pixels_limit`` is the hard ceiling set at load or build time so a request
+    cannot outgrow memory: a call's min_pixels/max_pixels may not exceed it, nor may a resized image
+    (smart_resize can overshoot max_pixels a little). None: a call may not ask for more than the
+    configured max(min_pixels, max_pixels), and the configured settings work as in HF.
     ``cap_pixels_per_frame``/``max_video_tokens`` are the video processor's total-budget option.
     """
 
@@ -137,8 +139,9 @@ class QwenVLPreprocessor:
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
         _check_pixel_range(self.min_pixels, self.max_pixels, "")
-        if self.max_pixels_limit is not None and self.max_pixels > self.max_pixels_limit:
-            raise ValueError(f"max_pixels {self.max_pixels:,} is over max_pixels_limit {self.max_pixels_limit:,}")
+        for name in ("min_pixels", "max_pixels"):
+            if self.max_pixels_limit is not None and getattr(self, name) > self.max_pixels_limit:
+                raise ValueError(f"{name} {getattr(self, name):,} is over max_pixels_limit {self.max_pixels_limit:,}")
         if self.do_normalize and 0.0 in self.image_std:
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
 
@@ -181,10 +184,11 @@ class QwenVLPreprocessor:
         lo = self.min_pixels if min_pixels is None else min_pixels
         hi = self.max_pixels if max_pixels is None else max_pixels
         _check_pixel_range(lo, hi, "requested ")
-        limit = self.max_pixels_limit or self.max_pixels
-        if hi > limit:
-            raise ValueError(f"requested max_pixels {hi:,} is over the limit of {limit:,} pixels per image/frame "
-                             "set at load time (max_pixels_limit); ask for a smaller max_pixels")
+        limit = self.max_pixels_limit or max(self.min_pixels, self.max_pixels)
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if value is not None and value > limit:
+                raise ValueError(f"requested {name} {value:,} is over the limit of {limit:,} pixels per image/frame "
+                                 f"set at load time (max_pixels_limit); ask for a smaller {name}")
         return lo, hi
 
     def resized_size(self, height: int, width: int, frames: int = 1, min_pixels: int | None = None,
@@ -194,7 +198,7 @@ class QwenVLPreprocessor:
         if self.cap_pixels_per_frame and frames > 1:
             hi = _video_pixel_cap(hi, lo, frames, self.factor, self.temporal_patch_size, self.max_video_tokens)
         h, w = smart_resize(height, width, self.factor, lo, hi) if self.do_resize else (height, width)
-        _check_resized(height, width, h, w, self.max_pixels_limit or self.max_pixels)
+        _check_resized(height, width, h, w, self.max_pixels_limit or MAX_RESIZED_PIXELS)
         return h, w
 
     def grid_thw(self, height: int, width: int, frames: int = 1, min_pixels: int | None = None,
@@ -321,19 +325,20 @@ def _check_frame_array(frames: np.ndarray) -> None:
 
 
 def _check_pixel_range(lo: Any, hi: Any, what: str) -> None:
+    """Positive integers. min_pixels over max_pixels is allowed, as in HF (max_pixels is applied first, so
+    it wins; e.g. a video config setting only max_pixels below the class's min_pixels)."""
     for name, value in (("min_pixels", lo), ("max_pixels", hi)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{what}{name} must be a positive integer, got {value!r}")
-    if lo > hi:
-        raise ValueError(f"{what}min_pixels {lo:,} is over max_pixels {hi:,}; min_pixels must be <= max_pixels")
 
 
 def _check_resized(height: int, width: int, h: int, w: int, limit: int) -> None:
     """smart_resize can overshoot max_pixels (extreme aspect ratios, min_pixels rounding up)."""
-    if h * w > min(limit, MAX_RESIZED_PIXELS):
+    limit = min(limit, MAX_RESIZED_PIXELS)
+    if h * w > limit:
+        knob = "max_pixels_limit" if limit < MAX_RESIZED_PIXELS else "images.MAX_RESIZED_PIXELS"
         raise ValueError(f"a {width}x{height} image resizes to {w}x{h} = {h * w:,} pixels, over the limit of "
-                         f"{min(limit, MAX_RESIZED_PIXELS):,} (max_pixels_limit); crop it to a less extreme aspect "
-                         "ratio or ask for a smaller min_pixels")
+                         f"{limit:,} ({knob}); crop it to a less extreme aspect ratio or ask for a smaller min_pixels")
 
 
 def _check_divisible(h: int, w: int, factor: int) -> None:
