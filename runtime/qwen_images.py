@@ -116,6 +116,9 @@ class QwenVLPreprocessor:
     (smart_resize can overshoot max_pixels a little). None: a call may not ask for more than the
     configured max(min_pixels, max_pixels), and the configured settings work as in HF.
     ``cap_pixels_per_frame``/``max_video_tokens`` are the video processor's total-budget option.
+    ``image_backend`` is how images are resized and normalized: "pil" as ``Qwen2VLImageProcessorPil`` (what
+    transformers runs without torchvision), "torchvision" as ``Qwen2VLImageProcessor`` with torchvision
+    installed. Videos are always done as the video processor does (torchvision; it has no PIL backend).
     """
 
     min_pixels: int = IMAGE_MIN_PIXELS
@@ -134,6 +137,7 @@ class QwenVLPreprocessor:
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
+    image_backend: str = "pil"  # not "backend": a read-only property of HF processors
 
     def __post_init__(self):
         for f in fields(self):
@@ -216,7 +220,10 @@ class QwenVLPreprocessor:
         """-> (patches float32 [h*w, C*T*P*P], grid_thw (1, h, w)); HF's pixel_values / image_grid_thw."""
         pixels = self._rgb(image, "image")  # [H, W, 3] uint8
         size = self.resized_size(*pixels.shape[:2], 1, min_pixels, max_pixels)
-        x = self._normalized(self._resized(pixels, size))  # [C, h, w]
+        if self.image_backend == "torchvision":
+            x = self._tv_normalized(self._tv_resized(pixels, size))  # [C, h, w]
+        else:
+            x = self._pil_normalized(self._pil_resized(pixels, size))
         frames = np.broadcast_to(x, (self.temporal_patch_size, *x.shape))  # an image is T equal frames
         return self._patches(frames)
 
@@ -233,7 +240,7 @@ class QwenVLPreprocessor:
         groups = [rgb[i:i + t] for i in range(0, len(rgb), t)]
         out = None  # [t*h*w, C*T*P*P], filled one temporal patch at a time: the only big array
         for i, group in enumerate(groups):
-            x = np.stack([self._frame_normalized(self._frame_resized(f, size)) for f in group])  # [T, C, h, w]
+            x = np.stack([self._tv_normalized(self._tv_resized(f, size)) for f in group])  # [T, C, h, w]
             patches, (_, h, w) = self._patches(x)  # [h*w, C*T*P*P]
             if out is None:
                 out = np.empty((len(groups) * len(patches), patches.shape[1]), np.float32)
@@ -247,14 +254,14 @@ class QwenVLPreprocessor:
         grid = (f // self.temporal_patch_size, h // self.patch_size, w // self.patch_size)
         return np.ascontiguousarray(patches, np.float32), grid
 
-    def _resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    def _pil_resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """[H, W, 3] uint8 -> [h, w, 3] uint8 (Pillow, as HF's PIL backend)."""
         if not self.do_resize:
             return pixels
         h, w = size
         return np.asarray(Image.fromarray(pixels).resize((w, h), resample=self.resample))
 
-    def _normalized(self, pixels: np.ndarray) -> np.ndarray:
+    def _pil_normalized(self, pixels: np.ndarray) -> np.ndarray:
         """[h, w, 3] uint8 -> [3, h, w] float32, HF's arithmetic (float64 rescale, float32 normalize)."""
         x = pixels.transpose(2, 0, 1)
         if self.do_rescale:
@@ -266,11 +273,11 @@ class QwenVLPreprocessor:
             x = (x - mean) / np.asarray(self.image_std, np.float32)[:, None, None]
         return x
 
-    def _frame_resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """[H, W, 3] uint8 -> [h, w, 3] uint8, as torchvision resizes video frames."""
+    def _tv_resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """[H, W, 3] uint8 -> [h, w, 3] uint8, as torchvision resizes uint8 images on a CPU."""
         return resize_uint8_aa(pixels, size, self.resample) if self.do_resize else pixels
 
-    def _frame_normalized(self, pixels: np.ndarray) -> np.ndarray:
+    def _tv_normalized(self, pixels: np.ndarray) -> np.ndarray:
         """[h, w, 3] uint8 -> [3, h, w] float32, HF's torchvision arithmetic: rescale fused into
         mean and std (mean / rescale_factor, std / rescale_factor), then (x - mean) / std in float32."""
         x = pixels.transpose(2, 0, 1).astype(np.float32)
@@ -390,6 +397,10 @@ def _hf_pixel_range(d: dict, video: bool) -> tuple[int, int]:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    if name == "image_backend":
+        if value not in ("pil", "torchvision"):
+            raise ValueError(f'image_backend must be "pil" or "torchvision", got {value!r}')
+        return value
     if name.startswith("do_") or name == "cap_pixels_per_frame":
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -204,9 +204,10 @@ def _torchvision_grayscale_to_rgb(image):
 
 
 @pytest.fixture(scope="module")
-def hf_video():
-    """transformers' Qwen2VLVideoProcessor class, runnable: its module imported with a stand-in torchvision
-    whose only functions it calls (resize, normalize, grayscale_to_rgb) are torchvision's, over torch."""
+def hf_torchvision():
+    """transformers' torchvision-backed Qwen2-VL processor modules, runnable: imported with a stand-in
+    torchvision whose only functions they call here (resize, normalize, grayscale_to_rgb) are torchvision's,
+    over torch."""
     from transformers import image_processing_backends, video_processing_utils
 
     functional = types.ModuleType("torchvision.transforms.v2.functional")
@@ -214,17 +215,25 @@ def hf_video():
     functional.normalize, functional.grayscale_to_rgb = _torchvision_normalize, _torchvision_grayscale_to_rgb
     names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2"]
     modules = {**{n: types.ModuleType(n) for n in names}, functional.__name__: functional}
+    modules["torchvision.transforms.v2"].functional = functional
     pil_to_torch = {0: InterpolationMode.NEAREST_EXACT, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
                     3: InterpolationMode.BICUBIC, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING}
-    name = "transformers.models.qwen2_vl.video_processing_qwen2_vl"
+    loaded = [f"transformers.models.qwen2_vl.{m}_processing_qwen2_vl" for m in ("video", "image")]
     with pytest.MonkeyPatch.context() as mp:
         for n, module in modules.items():
             mp.setitem(sys.modules, n, module)
         mp.setattr(image_processing_backends, "tvF", functional, raising=False)
         mp.setattr(video_processing_utils, "tvF", functional, raising=False)
         mp.setattr(image_processing_backends, "pil_torch_interpolation_mapping", pil_to_torch)
-        yield importlib.import_module(name).Qwen2VLVideoProcessor
-        sys.modules.pop(name, None)
+        yield types.SimpleNamespace(video=importlib.import_module(loaded[0]).Qwen2VLVideoProcessor,
+                                    image=importlib.import_module(loaded[1]).Qwen2VLImageProcessor)
+        for name in loaded:
+            sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def hf_video(hf_torchvision):
+    return hf_torchvision.video
 
 
 def _hf_video(hf_video, clip, config, **call):
@@ -265,6 +274,16 @@ def test_video_equals_hf_video_processor(hf_video, count, config):
     assert grid == want_grid and patches.shape == want.shape and np.abs(patches - want).max() == 0
     assert np.array_equal(pre.video([Image.fromarray(f) for f in clip])[0], patches)  # PIL frames: the same
     assert grid == pre.grid_thw(400, 600, frames=count)
+
+
+@pytest.mark.parametrize("name", ["chelsea", "portrait", "tiny", "large"])
+@pytest.mark.parametrize("config", [{}, {"max_pixels": 100 * TOKENS, "resample": 2}])
+def test_torchvision_backend_equals_hf_torchvision_image_processor(hf_torchvision, name, config):
+    hf = hf_torchvision.image(**config)
+    pre = QwenVLPreprocessor.from_dict({**hf.to_dict(), "image_backend": "torchvision"})
+    _assert_same_as_hf(pre.image(PHOTOS[name]), hf(PHOTOS[name], return_tensors="np"))
+    pil_patches, _ = QwenVLPreprocessor.from_dict(config).image(PHOTOS[name])
+    assert np.abs(pre.image(PHOTOS[name])[0] - pil_patches).max() > 0  # the two backends differ
 
 
 def test_video_cap_pixels_per_frame_equals_hf(hf_video):
@@ -578,6 +597,7 @@ def test_bad_video_frames():
     ({"image_std": [0.5, 0, 0.5]}, "image_std must not contain 0"),
     ({"image_mean": [0.5, 0.5]}, "3 values"),
     ({"resample": 9}, "resample must be a PIL code"),
+    ({"image_backend": "cv2"}, 'image_backend must be "pil" or "torchvision"'),
 ])
 def test_bad_configs(config, match):
     with pytest.raises(ValueError, match=match):
