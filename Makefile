@@ -19,9 +19,9 @@ EXPORT_MODEL := $(if $(MODEL_PATH),$(MODEL_PATH),$(MODEL))
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Runtime + exporter + test tools, at the versions in constraints.txt (CPU torch).
+# Runtime + exporter + test tools + video decoding (PyAV), at the versions in constraints.txt (CPU torch).
 setup: $(PY)
-	$(PIP) install -q -c constraints.txt -e '.[export,test]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,video]'
 
 # The torch-free runtime only.
 setup-runtime: $(PY)

@@ -6,10 +6,11 @@ conversion, ``smart_resize`` to a multiple of ``patch_size * merge_size`` with t
 [min_pixels, max_pixels], Pillow resize on uint8, float64 rescale cast to float32, float32 normalize,
 then the patch layout the vision tower reads (one row per patch, merge-size blocks contiguous).
 
-Videos follow ``Qwen2VLVideoProcessor``'s rules (one smart_resize for all frames, frames padded
-to a multiple of ``temporal_patch_size`` by repeating the last one, consecutive frames paired in
-time) with the image pipeline's Pillow resize; transformers resizes video frames with torchvision
-instead, which rounds differently (a few 1/255 steps at most), so videos are not bit-exact.
+Videos reproduce ``Qwen2VLVideoProcessor`` (which needs torchvision, so is checked against its own
+code with torch standing in for torchvision): one smart_resize for all frames, torchvision's resize
+(torch's antialiased uint8 kernel, ported in resize_aa.py; it differs from Pillow's by 1-2 levels on
+a few pixels), the fused rescale+normalize in float32, frames padded to a multiple of
+``temporal_patch_size`` by repeating the last one, consecutive frames paired in time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .images import (
     check_triple,
     to_rgb,
 )
+from .resize_aa import resize_uint8_aa
 
 MAX_ASPECT_RATIO = 200  # smart_resize refuses a longer side over 200x the shorter (as HF)
 
@@ -53,8 +55,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = IM
     """
     if height < 1 or width < 1:
         raise ValueError(f"cannot resize an empty image ({width}x{height} pixels)")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"a {width}x{height} image has an aspect ratio of {max(height, width) / min(height, width):.1f}; "
+    aspect = max(height, width) / min(height, width)
+    if aspect > MAX_ASPECT_RATIO:
+        raise ValueError(f"a {width}x{height} image has an aspect ratio of {aspect:.1f}; "
                          f"Qwen2-VL preprocessing allows at most {MAX_ASPECT_RATIO} (crop or pad it)")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -92,14 +95,30 @@ def patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patc
     return x.reshape(gt * gh * gw, c * t * p * p)
 
 
+def pad_frames(frames: Sequence, temporal_patch_size: int) -> Sequence:
+    """[F, ...] -> [F', ...] (an array or a list), F' the next multiple of temporal_patch_size, by
+    repeating the last frame (as HF)."""
+    pad = -len(frames) % temporal_patch_size
+    if not pad:
+        return frames
+    if isinstance(frames, np.ndarray):
+        return np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    return [*frames, *[frames[-1]] * pad]
+
+
 @dataclass(frozen=True)
 class QwenVLPreprocessor:
     """Settings of one transformers Qwen2-VL processor (the image one or the video one).
 
     ``min_pixels``/``max_pixels`` are HF's ``size["shortest_edge"]``/``size["longest_edge"]``: the
-    defaults of a call. A call may ask for others, up to ``max_pixels_limit`` (None: up to
-    ``max_pixels``), the hard ceiling set at load or build time so a request cannot outgrow memory.
+    defaults of a call. ``max_pixels_limit`` is the hard ceiling set at load or build time so a request
+    cannot outgrow memory: a call's min_pixels/max_pixels may not exceed it, nor may a resized image
+    (smart_resize can overshoot max_pixels a little). None: a call may not ask for more than the
+    configured max(min_pixels, max_pixels), and the configured settings work as in HF.
     ``cap_pixels_per_frame``/``max_video_tokens`` are the video processor's total-budget option.
+    ``image_backend`` is how images are resized and normalized: "pil" as ``Qwen2VLImageProcessorPil`` (what
+    transformers runs without torchvision), "torchvision" as ``Qwen2VLImageProcessor`` with torchvision
+    installed. Videos are always done as the video processor does (torchvision; it has no PIL backend).
     """
 
     min_pixels: int = IMAGE_MIN_PIXELS
@@ -118,13 +137,15 @@ class QwenVLPreprocessor:
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
+    image_backend: str = "pil"  # not "backend": a read-only property of HF processors
 
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
         _check_pixel_range(self.min_pixels, self.max_pixels, "")
-        if self.max_pixels_limit is not None and self.max_pixels > self.max_pixels_limit:
-            raise ValueError(f"max_pixels {self.max_pixels:,} is over max_pixels_limit {self.max_pixels_limit:,}")
+        for name in ("min_pixels", "max_pixels"):
+            if self.max_pixels_limit is not None and getattr(self, name) > self.max_pixels_limit:
+                raise ValueError(f"{name} {getattr(self, name):,} is over max_pixels_limit {self.max_pixels_limit:,}")
         if self.do_normalize and 0.0 in self.image_std:
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
 
@@ -167,22 +188,21 @@ class QwenVLPreprocessor:
         lo = self.min_pixels if min_pixels is None else min_pixels
         hi = self.max_pixels if max_pixels is None else max_pixels
         _check_pixel_range(lo, hi, "requested ")
-        limit = self.max_pixels_limit or self.max_pixels
-        if hi > limit:
-            raise ValueError(f"requested max_pixels {hi:,} is over the limit of {limit:,} pixels per image/frame "
-                             "set at load time (max_pixels_limit); ask for a smaller max_pixels")
+        limit = self.max_pixels_limit or max(self.min_pixels, self.max_pixels)
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if value is not None and value > limit:
+                raise ValueError(f"requested {name} {value:,} is over the limit of {limit:,} pixels per image/frame "
+                                 f"set at load time (max_pixels_limit); ask for a smaller {name}")
         return lo, hi
 
     def resized_size(self, height: int, width: int, frames: int = 1, min_pixels: int | None = None,
                      max_pixels: int | None = None) -> tuple[int, int]:
         """(h, w) an image (frames=1) or a video's frames are resized to."""
         lo, hi = self.pixel_range(min_pixels, max_pixels)
-        if not self.do_resize:
-            return height, width
         if self.cap_pixels_per_frame and frames > 1:
             hi = _video_pixel_cap(hi, lo, frames, self.factor, self.temporal_patch_size, self.max_video_tokens)
-        h, w = smart_resize(height, width, self.factor, lo, hi)
-        _check_resized(height, width, h, w, self.max_pixels_limit or self.max_pixels)
+        h, w = smart_resize(height, width, self.factor, lo, hi) if self.do_resize else (height, width)
+        _check_resized(height, width, h, w, self.max_pixels_limit or MAX_RESIZED_PIXELS)
         return h, w
 
     def grid_thw(self, height: int, width: int, frames: int = 1, min_pixels: int | None = None,
@@ -200,7 +220,10 @@ class QwenVLPreprocessor:
         """-> (patches float32 [h*w, C*T*P*P], grid_thw (1, h, w)); HF's pixel_values / image_grid_thw."""
         pixels = self._rgb(image, "image")  # [H, W, 3] uint8
         size = self.resized_size(*pixels.shape[:2], 1, min_pixels, max_pixels)
-        x = self._normalized(self._resized(pixels, size))  # [C, h, w]
+        if self.image_backend == "torchvision":
+            x = self._tv_normalized(self._tv_resized(pixels, size))  # [C, h, w]
+        else:
+            x = self._pil_normalized(self._pil_resized(pixels, size))
         frames = np.broadcast_to(x, (self.temporal_patch_size, *x.shape))  # an image is T equal frames
         return self._patches(frames)
 
@@ -213,11 +236,16 @@ class QwenVLPreprocessor:
         """
         rgb = self._video_rgb(frames)  # F x [H, W, 3] uint8
         size = self.resized_size(*rgb[0].shape[:2], len(rgb), min_pixels, max_pixels)
-        x = np.stack([self._normalized(self._resized(f, size)) for f in rgb])  # [F, C, h, w]
-        pad = -len(x) % self.temporal_patch_size
-        if pad:
-            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])  # [F', C, h, w]
-        return self._patches(x)
+        rgb, t = pad_frames(rgb, self.temporal_patch_size), self.temporal_patch_size  # F' x [H, W, 3]
+        groups = [rgb[i:i + t] for i in range(0, len(rgb), t)]
+        out = None  # [t*h*w, C*T*P*P], filled one temporal patch at a time: the only big array
+        for i, group in enumerate(groups):
+            x = np.stack([self._tv_normalized(self._tv_resized(f, size)) for f in group])  # [T, C, h, w]
+            patches, (_, h, w) = self._patches(x)  # [h*w, C*T*P*P]
+            if out is None:
+                out = np.empty((len(groups) * len(patches), patches.shape[1]), np.float32)
+            out[i * len(patches):(i + 1) * len(patches)] = patches
+        return out, (len(groups), h, w)
 
     def _patches(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         f, _, h, w = frames.shape  # [F, C, h, w]
@@ -226,14 +254,14 @@ class QwenVLPreprocessor:
         grid = (f // self.temporal_patch_size, h // self.patch_size, w // self.patch_size)
         return np.ascontiguousarray(patches, np.float32), grid
 
-    def _resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    def _pil_resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """[H, W, 3] uint8 -> [h, w, 3] uint8 (Pillow, as HF's PIL backend)."""
         if not self.do_resize:
             return pixels
         h, w = size
         return np.asarray(Image.fromarray(pixels).resize((w, h), resample=self.resample))
 
-    def _normalized(self, pixels: np.ndarray) -> np.ndarray:
+    def _pil_normalized(self, pixels: np.ndarray) -> np.ndarray:
         """[h, w, 3] uint8 -> [3, h, w] float32, HF's arithmetic (float64 rescale, float32 normalize)."""
         x = pixels.transpose(2, 0, 1)
         if self.do_rescale:
@@ -244,6 +272,20 @@ class QwenVLPreprocessor:
             mean = np.asarray(self.image_mean, np.float32)[:, None, None]
             x = (x - mean) / np.asarray(self.image_std, np.float32)[:, None, None]
         return x
+
+    def _tv_resized(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """[H, W, 3] uint8 -> [h, w, 3] uint8, as torchvision resizes uint8 images on a CPU."""
+        return resize_uint8_aa(pixels, size, self.resample) if self.do_resize else pixels
+
+    def _tv_normalized(self, pixels: np.ndarray) -> np.ndarray:
+        """[h, w, 3] uint8 -> [3, h, w] float32, HF's torchvision arithmetic: rescale fused into
+        mean and std (mean / rescale_factor, std / rescale_factor), then (x - mean) / std in float32."""
+        x = pixels.transpose(2, 0, 1).astype(np.float32)
+        if self.do_normalize:
+            unscale = np.float32(1.0 / self.rescale_factor if self.do_rescale else 1.0)
+            mean = (np.asarray(self.image_mean, np.float32) * unscale)[:, None, None]
+            return (x - mean) / (np.asarray(self.image_std, np.float32) * unscale)[:, None, None]
+        return x * np.float32(self.rescale_factor) if self.do_rescale else x
 
     def _rgb(self, image: Any, name: str) -> np.ndarray:
         """A PIL image -> [H, W, 3] uint8."""
@@ -290,19 +332,20 @@ def _check_frame_array(frames: np.ndarray) -> None:
 
 
 def _check_pixel_range(lo: Any, hi: Any, what: str) -> None:
+    """Positive integers. min_pixels over max_pixels is allowed, as in HF (max_pixels is applied first, so
+    it wins; e.g. a video config setting only max_pixels below the class's min_pixels)."""
     for name, value in (("min_pixels", lo), ("max_pixels", hi)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{what}{name} must be a positive integer, got {value!r}")
-    if lo > hi:
-        raise ValueError(f"{what}min_pixels {lo:,} is over max_pixels {hi:,}; min_pixels must be <= max_pixels")
 
 
 def _check_resized(height: int, width: int, h: int, w: int, limit: int) -> None:
     """smart_resize can overshoot max_pixels (extreme aspect ratios, min_pixels rounding up)."""
-    if h * w > min(limit, MAX_RESIZED_PIXELS):
+    limit = min(limit, MAX_RESIZED_PIXELS)
+    if h * w > limit:
+        knob = "max_pixels_limit" if limit < MAX_RESIZED_PIXELS else "images.MAX_RESIZED_PIXELS"
         raise ValueError(f"a {width}x{height} image resizes to {w}x{h} = {h * w:,} pixels, over the limit of "
-                         f"{min(limit, MAX_RESIZED_PIXELS):,} (max_pixels_limit); crop it to a less extreme aspect "
-                         "ratio or ask for a smaller min_pixels")
+                         f"{limit:,} ({knob}); crop it to a less extreme aspect ratio or ask for a smaller min_pixels")
 
 
 def _check_divisible(h: int, w: int, factor: int) -> None:
@@ -354,6 +397,10 @@ def _hf_pixel_range(d: dict, video: bool) -> tuple[int, int]:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    if name == "image_backend":
+        if value not in ("pil", "torchvision"):
+            raise ValueError(f'image_backend must be "pil" or "torchvision", got {value!r}')
+        return value
     if name.startswith("do_") or name == "cap_pixels_per_frame":
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -143,6 +143,17 @@ class FrameSampling:
         for name in ("min_frames", "max_frames", "temporal_patch_size"):
             _check_positive(name, getattr(self, name), int)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FrameSampling:
+        """From a Qwen2-VL video (or image) processor config dict: its min_frames, max_frames and
+        temporal_patch_size, Qwen2VLVideoProcessor's class defaults (4, 768, 2) for absent keys."""
+        kind = d.get("video_processor_type") or "Qwen2VLVideoProcessor"
+        if kind != "Qwen2VLVideoProcessor":
+            raise ValueError(f"video_processor_type {kind!r} has no frame sampling rule here; "
+                             "allowed: Qwen2VLVideoProcessor (use FrameSampling(rule='uniform') for HF's generic rule)")
+        keys = ("min_frames", "max_frames", "temporal_patch_size")
+        return cls(rule="qwen2_vl", **{k: d[k] for k in keys if d.get(k) is not None})
+
     def indices(self, total_frames: int, video_fps: float | None, num_frames: int | None = None,
                 fps: float | None = None) -> np.ndarray:
         if self.rule == "uniform":
@@ -230,10 +241,10 @@ def _decode(source, num_frames, fps, sampling, max_frames, max_file_bytes, max_d
             frames, kept = _decode_frames(container, stream, indices)
     except av.FFmpegError as e:
         raise VideoError(f"{name} is not a readable video: {e}") from e
-    if not frames:
+    if not kept:
         raise VideoError(f"{name} has no decodable frames")
     duration = total / rate if rate else None
-    return np.stack(frames), VideoMetadata(total, rate, duration, tuple(kept))
+    return frames[:len(kept)], VideoMetadata(total, rate, duration, tuple(kept))
 
 
 def _import_av():
@@ -283,16 +294,19 @@ def _frame_rate(stream) -> float | None:
     return float(rate) if rate else None
 
 
-def _decode_frames(container, stream, indices: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
-    """F x [H, W, 3] uint8 of the frames at ``indices`` (decoding stops after the last), and their indices."""
+def _decode_frames(container, stream, indices: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """uint8 [F, H, W, 3] for the frames at ``indices`` (decoding stops after the last), and the indices
+    found (fewer when the stream has fewer frames than its header says; the array's tail is then unused)."""
     wanted, last = set(int(i) for i in indices), int(indices[-1])
-    frames, kept = [], []
+    frames = np.empty((len(indices), stream.height, stream.width, 3), np.uint8)  # budgeted by _check_budget
+    kept = []
+    stream.thread_type = "AUTO"
     for i, frame in enumerate(container.decode(stream)):
         if (frame.height, frame.width) != (stream.height, stream.width):  # what the budget was checked on
             raise VideoError(f"frame {i} is {frame.width}x{frame.height} but the stream says "
                              f"{stream.width}x{stream.height}; videos that change size are not supported")
         if i in wanted:
-            frames.append(frame.to_ndarray(format="rgb24"))
+            frames[len(kept)] = frame.to_ndarray(format="rgb24")
             kept.append(i)
         if i >= last:
             break
