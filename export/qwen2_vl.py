@@ -13,6 +13,8 @@ no data-dependent shapes. The attention segments become a block-diagonal mask in
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from torch import nn
 from vlmdeploy.runtime.manifest import MediaKind, ModelFacts
 from vlmdeploy.runtime.mrope import vision_inputs
 from vlmdeploy.runtime.qwen_images import QwenVLPreprocessor
+from vlmdeploy.runtime.video import FrameSampling
 from vlmdeploy.runtime.spec import GraphSpec, ModelDims, TensorSpec, llava_graph_specs
 
 from . import components as c
@@ -110,7 +113,8 @@ class Qwen2VLExport(LlavaStyleExport):
                 raise ExportError(f"the {kind} processor's patch/merge/temporal sizes ({p.patch_size}, {p.merge_size}, "
                                   f"{p.temporal_patch_size}) differ from the vision tower's ({v.patch_size}, "
                                   f"{v.spatial_merge_size}, {v.temporal_patch_size})")
-        return {kind: p.to_dict() for kind, p in pre.items()}
+        sampling = FrameSampling.from_dict({"video_processor_type": "Qwen2VLVideoProcessor", **video})
+        return {**{kind: p.to_dict() for kind, p in pre.items()}, "video_sampling": dataclasses.asdict(sampling)}
 
     def model_facts(self, model, files: ProcessorFiles, tokenizer, dtype: str) -> ModelFacts:
         cfg, text, v = model.config, model.config.get_text_config(), model.config.vision_config

@@ -220,7 +220,7 @@ class VLM:
         try:
             items = [self.family.prepare(load_image(i), **request.sizes) for i in request.images]
             for video in request.videos:
-                frames, meta = load_video(*_video_source(video))  # [F, H, W, 3]
+                frames, meta = load_video(*_video_source(video), sampling=self.family.frame_sampling)  # [F, H, W, 3]
                 items.append(self.family.prepare_video(frames, meta.sampled_fps, **request.sizes))
         except ImageError:
             raise

@@ -178,3 +178,41 @@ def test_chat_with_a_video_item(qwen):
     assert vlm._render_chat(messages)[0] == raw
     got = vlm.chat(messages, max_new_tokens=6, ignore_eos=True)
     assert got.token_ids == vlm.generate(raw, videos=[frames], max_new_tokens=6, ignore_eos=True).token_ids
+
+
+def _write_lossless(path, frames: np.ndarray, rate: int = 24):
+    """frames [F, H, W, 3] uint8 -> a lossless PNG-in-MOV clip PyAV decodes back exactly."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=rate)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "rgb24"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_video_file_decoded_with_pyav_and_cli(qwen, tmp_path, capsys):
+    """A clip on disk (PyAV) gives the tokens its frames give; sampling by count picks HF's frames;
+    the CLI's --video / --video-frames take the same path."""
+    import json
+
+    from vlmdeploy.runtime.cli import main
+
+    frames = video_frames(6)
+    clip = _write_lossless(tmp_path / "pan.mov", frames)
+    vlm = VLM.load(qwen.artifact, decoder="decoder")
+    prompt = chat(f"{VID}What happens?")
+    by_file = vlm.generate(prompt, videos=[clip], max_new_tokens=6, ignore_eos=True)
+    assert by_file.token_ids == vlm.generate(prompt, videos=[frames], max_new_tokens=6, ignore_eos=True).token_ids
+    four = vlm.generate(prompt, videos=[{"video": clip, "num_frames": 4}], max_new_tokens=6, ignore_eos=True)
+    want = vlm.generate(prompt, videos=[frames[[0, 1, 3, 4]]], max_new_tokens=6, ignore_eos=True)  # HF: linspace(0, 5, 4)
+    assert four.token_ids == want.token_ids and four.prompt_tokens < by_file.prompt_tokens
+    capsys.readouterr()
+    assert main(["run", str(qwen.artifact), "--video", str(clip), "--video-frames", "4", "--prompt", "What happens?",
+                 "--max-new-tokens", "6", "--ignore-eos", "--json"]) == 0
+    messages = [{"role": "user", "content": [{"type": "video", "video": clip, "num_frames": 4},
+                                             {"type": "text", "text": "What happens?"}]}]
+    assert json.loads(capsys.readouterr().out)["token_ids"] == VLM.load(qwen.artifact).chat(
+        messages, max_new_tokens=6, ignore_eos=True).token_ids

@@ -79,6 +79,7 @@ class Family:
     name = ""
     media_kinds: tuple[str, ...] = ("image",)  # what prepare/prepare_video accept
     size_options = False  # True: prepare takes min_pixels/max_pixels per call
+    frame_sampling = None  # video families: runtime/video.py FrameSampling (how load_video picks frames)
 
     def __init__(self, facts: ModelFacts, preprocess: dict, tensors: Mapping[str, np.ndarray]):
         self.facts, self.tensors = facts, tensors

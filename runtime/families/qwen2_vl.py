@@ -13,6 +13,7 @@ import numpy as np
 
 from ..mrope import MediaSpan, rope_index, vision_inputs
 from ..qwen_images import QwenVLPreprocessor, tokens_for
+from ..video import FrameSampling
 from .base import Family, ImageTokens, MediaItem
 
 KIND_IDS = {"image": 1, "video": 2}  # token types of HF's mm_token_type_ids
@@ -26,6 +27,7 @@ class Qwen2VL(Family):
     def configure(self, preprocess: dict) -> None:
         self.preprocessor = QwenVLPreprocessor.from_dict(preprocess["image"])
         self.video_preprocessor = QwenVLPreprocessor.from_dict(preprocess["video"], video=True)
+        self.frame_sampling = FrameSampling(**preprocess.get("video_sampling", {}))
         p = self.facts.family_params
         self.merge = p["merge_size"]
         self.window_units = p.get("window_units")
