@@ -32,6 +32,8 @@ Never imports torch: it runs in a runtime-only install.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import re
@@ -61,8 +63,12 @@ class Workload:
     batch: int = 1
     images: int = 1  # per sequence
     image_sizes: tuple[Size, ...] = ()  # (h, w) of the images to count visual tokens for; (): a typical image
+    video_frames: int = 0  # frames of one video per sequence (families with video); 0: no video
+    video_size: Size | None = None  # (h, w) of its frames; None: the largest image size, else 448x448
 
     def __post_init__(self):
+        if self.video_frames < 0:
+            raise ValueError(f"--video-frames must be >= 0, got {self.video_frames}")
         for name in ("batch", "images"):
             if getattr(self, name) < (1 if name == "batch" else 0):
                 raise ValueError(f"--{name} must be >= {1 if name == 'batch' else 0}, got {getattr(self, name)}")
@@ -253,12 +259,28 @@ def _budget(visual: tuple[ImageTokens, ...], sizes: tuple[Size, ...]) -> ImageTo
     return max(visual, key=lambda v: v.tokens) if sizes else visual[0]
 
 
-def _visual_notes(family, visual: tuple[ImageTokens, ...], budget: ImageTokens, w: Workload) -> list[str]:
-    """The context the images take, then the family's own notes on its rows."""
-    return [f"{w.images} image(s) x {budget.tokens:,} visual tokens per sequence are part of the context"
-            + (f" (the largest given size, {budget.label()})" if len(w.image_sizes) > 1
-               else f" (a {budget.size[0]}x{budget.size[1]} image)" if budget.grid else ""),
-            *family.plan_notes(visual, bool(w.image_sizes))]
+def _visual_notes(family, visual: tuple[ImageTokens, ...], budget: ImageTokens, w: Workload,
+                  video: ImageTokens | None = None) -> list[str]:
+    """The context the images (and the video) take, then the family's own notes on its rows."""
+    notes = [f"{w.images} image(s) x {budget.tokens:,} visual tokens per sequence are part of the context"
+             + (f" (the largest given size, {budget.label()})" if len(w.image_sizes) > 1
+                else f" (a {budget.size[0]}x{budget.size[1]} image)" if budget.grid else "")]
+    if video is not None:
+        notes.append(f"a video of {w.video_frames} frames at {video.size[0]}x{video.size[1]}: {video.tokens:,} visual tokens "
+                     f"({video.tiles} temporal steps x {video.tokens_per_tile:,}; frames resized to "
+                     f"{video.resolution[0]}x{video.resolution[1]}), part of the context too")
+    return [*notes, *family.plan_notes(visual, bool(w.image_sizes))]
+
+
+def _video_row(family, preprocess, w: Workload) -> ImageTokens | None:
+    """The video's token row (None: no video asked); a family without video refuses --video-frames."""
+    if not w.video_frames:
+        return None
+    size = w.video_size or (max(w.image_sizes, key=lambda s: s[0] * s[1]) if w.image_sizes else (448, 448))
+    row = family.video_tokens(preprocess, w.video_frames, size)
+    if row is None:
+        raise ValueError(f"--video-frames: the {family.name} family takes no video")
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +490,8 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     family = family_class(facts.family)
     visual, rule = family.visual_tokens(m.preprocess, workload.image_sizes, d.vision_tokens, tuple(d.image_size), facts)
     budget = _budget(visual, workload.image_sizes)
-    w = _fill_context(workload, facts.context_length, budget.tokens)
+    video = _video_row(family, m.preprocess, workload)
+    w = _fill_context(workload, facts.context_length, budget.tokens, video.tokens if video else 0)
     size = {g: _graph_bytes(m, g) for g in m.graphs}
     tensors = {name: m.files[f]["size"] for name, f in facts.tensors.items() if f in m.files}
     heads = d.hidden // d.head_dim
@@ -492,7 +515,7 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     ]
     loaded = set(chain) | {embed, decoder}
     unused = sorted(g for g in m.graphs if g not in loaded)
-    notes = _visual_notes(family, visual, budget, w)
+    notes = _visual_notes(family, visual, budget, w, video)
     notes += _window_note(kv_layers, w, act)
     if unused:
         notes.append(f"also on disk, not loaded for generation: {', '.join(unused)} ({_size(sum(size[g] for g in unused))})")
@@ -523,13 +546,16 @@ def default_context(context_length: int, visual_tokens: int) -> int:
     return min(wanted, context_length)
 
 
-def _fill_context(w: Workload, context_length: int, tokens_per_image: int) -> Workload:
-    context = w.context if w.context is not None else default_context(context_length, w.images * tokens_per_image)
+def _fill_context(w: Workload, context_length: int, tokens_per_image: int, video_tokens: int = 0) -> Workload:
+    visual = w.images * tokens_per_image + video_tokens
+    context = w.context if w.context is not None else default_context(context_length, visual)
     if context > context_length:
         raise ValueError(f"--context {context} exceeds the model's context length {context_length}")
-    if w.images * tokens_per_image >= context:
+    if visual >= context:
+        video = f" + a video of {video_tokens}" if video_tokens else ""
         raise ValueError(
-            f"{w.images} image(s) x {tokens_per_image} visual tokens = {w.images * tokens_per_image} tokens do not "
+            f"{w.images} image(s) x {tokens_per_image} visual tokens{video} = {visual} tokens do not "
             f"fit in a context of {context} with room for text; raise --context or lower --images"
+            + (" / --video-frames / the frame size" if video_tokens else "")
         )
-    return Workload(context, w.batch, w.images, w.image_sizes)
+    return dataclasses.replace(w, context=context)

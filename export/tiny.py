@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .recipes import TinyConfig
-from .tiny_tokenizer import LLAVA_CHAT_TEMPLATE, QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer
+from .tiny_tokenizer import (LLAVA_CHAT_TEMPLATE, ONEVISION_CHAT_TEMPLATE, ONEVISION_SPECIALS, QWEN2_VL_CHAT_TEMPLATE,
+                             build_tiny_tokenizer)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -171,12 +172,44 @@ def build_tiny_qwen_vl(cfg: TinyConfig):
     return model, qwen_vl_processor(cfg, tokenizer)
 
 
+def build_tiny_onevision(cfg: TinyConfig):
+    """LLaVA-OneVision: SigLIP tower, Qwen2 text, anyres_max tiles, <image> and <video> tokens."""
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(cfg.vocab_size, qwen=True, specials=ONEVISION_SPECIALS)
+    pinpoints = [list(p) for p in _pinpoints(cfg)]
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision_config(cfg), text_config=text_config(cfg, tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        image_grid_pinpoints=pinpoints, vision_aspect_ratio=f"anyres_max_{cfg.onevision_max_tiles}",
+    )
+    config.text_config.eos_token_id, config.text_config.bos_token_id = tokenizer.eos_token_id, None
+    torch.manual_seed(cfg.seed)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    s = cfg.image_size
+    image = transformers.LlavaOnevisionImageProcessor(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
+    cls = transformers.LlavaOnevisionProcessor
+    cls.check_argument_for_proper_class = lambda *a, **k: None  # no video processor: it needs torchvision
+    processor = cls(image_processor=image, tokenizer=tokenizer, video_processor=None,
+                    num_image_tokens=(s // cfg.patch_size) ** 2, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                    vision_aspect_ratio=f"anyres_max_{cfg.onevision_max_tiles}", chat_template=ONEVISION_CHAT_TEMPLATE)
+    processor.get_attributes = lambda: ["image_processor", "tokenizer"]
+    return model, processor
+
+
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
     import transformers
 
     if cfg.family in ("qwen2_vl", "qwen2_5_vl"):
         return build_tiny_qwen_vl(cfg)
+    if cfg.family == "llava_onevision":
+        return build_tiny_onevision(cfg)
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:

@@ -121,10 +121,25 @@ def _train_backend(vocab_size: int, specials: tuple[str, ...] = (IMAGE, PAD), bo
     return tok
 
 
-def build_tiny_tokenizer(vocab_size: int = 256, qwen: bool = False) -> PreTrainedTokenizerFast:
+# llava-hf/llava-onevision-qwen2-*: a Qwen2 tokenizer with <image> and <video> added.
+ONEVISION_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE, "<video>")
+
+# The chat template llava-hf/llava-onevision-qwen2-0.5b-ov-hf ships: images, then videos, then text.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}{% endfor %}"
+    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 256, qwen: bool = False, specials: tuple[str, ...] | None = None
+                         ) -> PreTrainedTokenizerFast:
     """Train the tiny tokenizer and wrap it as a transformers fast tokenizer (`TokenizersBackend`).
-    `qwen`: Qwen2-VL's added tokens instead of <image>/<pad>, pad <|endoftext|>, EOS <|im_end|>, no BOS."""
-    specials = QWEN_SPECIALS if qwen else (IMAGE, PAD)
+    `qwen`: Qwen-style added tokens (`specials`, default Qwen2-VL's) instead of <image>/<pad>, pad
+    <|endoftext|>, EOS <|im_end|>, no BOS."""
+    specials = specials or (QWEN_SPECIALS if qwen else (IMAGE, PAD))
     minimum = _MIN_VOCAB - 2 + len(specials)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size must be >= {minimum} (special + 243 byte tokens), got {vocab_size}")

@@ -173,6 +173,8 @@ def _add_model_tools(sub) -> None:
                     help="an image's height x width in pixels (repeatable, or a comma-separated list): the table "
                          "shows its visual tokens (LLaVA-NeXT: tiles and tokens before/after unpadding); the "
                          "largest sizes the context")
+    pl.add_argument("--video-frames", type=int, default=0, help="frames of one video per sequence (qwen2_vl)")
+    pl.add_argument("--video-size", metavar="HxW", help="the video's frame size (default: the largest --image-size)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
 
@@ -197,7 +199,9 @@ def _plan(args) -> int:
 
     if (args.dir is None) == (args.model is None):
         raise ValueError("give an exported DIR or --model NAME_OR_DIR (exactly one)")
-    workload = Workload(args.context, args.batch, args.images, parse_image_sizes(args.image_size))
+    video_size = parse_image_sizes([args.video_size])[0] if args.video_size else None
+    workload = Workload(args.context, args.batch, args.images, parse_image_sizes(args.image_size), args.video_frames,
+                        video_size)
     plan = plan_model(args.model, args.dtype, workload) if args.model else plan_artifact(args.dir, workload, args.dtype)
     print(json.dumps(plan.to_dict()) if args.json else plan.table())
     return 0

@@ -216,3 +216,27 @@ def test_video_file_decoded_with_pyav_and_cli(qwen, tmp_path, capsys):
                                              {"type": "text", "text": "What happens?"}]}]
     assert json.loads(capsys.readouterr().out)["token_ids"] == VLM.load(qwen.artifact).chat(
         messages, max_new_tokens=6, ignore_eos=True).token_ids
+
+
+def test_plan_counts_image_and_video_tokens_as_the_runtime(qwen, capsys):
+    """`vlmdeploy plan DIR --image-size --video-frames`: the counts the runtime's preprocessing gives."""
+    import json
+
+    from vlmdeploy.runtime.cli import main
+
+    vlm = VLM.load(qwen.artifact)
+    image = photo("chelsea", (300, 200))
+    frames = np.zeros((7, 112, 84, 3), np.uint8)
+    assert main(["plan", str(qwen.artifact), "--image-size", "200x300", "--video-frames", "7", "--video-size", "112x84",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["visual_tokens"][0]["tokens"] == vlm.family.prepare(image).num_tokens
+    video = vlm.family.prepare_video(frames).num_tokens
+    assert any(f"{video} visual tokens" in n and "7 frames" in n for n in plan["notes"])
+
+
+def test_plan_refuses_video_for_a_family_without_it(tiny):
+    from vlmdeploy.export.plan import Workload, plan_artifact
+
+    with pytest.raises(ValueError, match="the llava family takes no video"):
+        plan_artifact(tiny.artifact, Workload(video_frames=4))

@@ -154,6 +154,11 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def video_tokens(cls, preprocess: dict | None, frames: int, size: Size) -> ImageTokens | None:
+        """The visual tokens of a video of `frames` frames of `size` (h, w); None: no video in this family."""
+        return None
+
+    @classmethod
     def plan_notes(cls, rows: Sequence[ImageTokens], sized: bool) -> list[str]:
         """Notes on the visual-token rows (`sized`: the user gave image sizes)."""
         return []

@@ -89,9 +89,28 @@ class Qwen2VL(Family):
         for h, w in sizes:
             rh, rw = pre.resized_size(h, w)
             n = (rh // unit) * (rw // unit)
-            rows.append(ImageTokens((h, w), n, 1, n, grid=(rh // unit, rw // unit), resolution=(rh, rw),
-                                    typical="" if image_sizes else "typical"))
+            rows.append(ImageTokens((h, w), 1, n, n, resolution=(rh, rw), typical="" if image_sizes else "typical"))
         return tuple(rows), rule
+
+    @classmethod
+    def plan_notes(cls, rows, sized):
+        """Where each image is resized to, and what the vision graph's attention over one image costs."""
+        notes = [f"{r.label()} is resized to {r.resolution[0]}x{r.resolution[1]}: {4 * r.tokens:,} patches -> "
+                 f"{r.tokens:,} tokens" for r in rows]
+        big = max(rows, key=lambda r: r.tokens)
+        scores = (4 * big.tokens) ** 2 * 4
+        notes.append(f"the vision graph attends over all {4 * big.tokens:,} patches of an image at once: "
+                     f"{scores / 1e6:,.1f} MB of fp32 attention scores per head (not in the activations line)")
+        return notes
+
+    @classmethod
+    def video_tokens(cls, preprocess, frames, size):
+        """Frames paired in time (temporal_patch_size), each pair one grid of merged 2x2 patches."""
+        pre = QwenVLPreprocessor.from_dict(preprocess["video"], video=True) if preprocess else QwenVLPreprocessor()
+        t, gh, gw = pre.grid_thw(*size, frames=frames)
+        per_step = gh * gw // pre.merge_size**2
+        return ImageTokens(tuple(size), t, per_step, t * per_step, grid=(gh // pre.merge_size, gw // pre.merge_size),
+                           resolution=(gh * pre.patch_size, gw * pre.patch_size), typical="video")
 
 
 FAMILY = Qwen2VL
