@@ -218,7 +218,7 @@ class VLM:
     def _media_items(self, request: _Request) -> list[MediaItem]:
         """The request's images, then its videos, preprocessed (each kind keeps its own order)."""
         try:
-            items = [self.family.prepare(load_image(i), **request.sizes) for i in request.images]
+            items = self.family.prepare_images([load_image(i) for i in request.images], **request.sizes)
             for video in request.videos:
                 frames, meta = load_video(*_video_source(video), sampling=self.family.frame_sampling)  # [F, H, W, 3]
                 items.append(self.family.prepare_video(frames, meta.sampled_fps, **request.sizes))

@@ -48,6 +48,11 @@ FAMILY_VARIANTS = {
 _QWEN = dict(text_model="qwen2", vocab_size=300, text_hidden=64, text_heads=4, text_kv_heads=2, vision_hidden=32,
              vision_heads=2, vision_layers=2)
 QWEN_VARIANTS = {
+    # LLaVA-OneVision (tests/test_llava_onevision.py): SigLIP 42/14 (3x3 tokens a tile, odd: pooling
+    # interpolates), Qwen2, anyres_max_1 (every tiled image is downscaled)
+    "llava_onevision": TinyConfig(seed=23, family="llava_onevision", text_model="qwen2", vision_model="siglip",
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full", image_size=42,
+                                  vocab_size=300, onevision_max_tiles=1),
     "qwen2_vl": TinyConfig(seed=21, family="qwen2_vl", **_QWEN),
     "qwen2_5_vl": TinyConfig(seed=22, family="qwen2_5_vl", **_QWEN),
 }

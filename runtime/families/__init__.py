@@ -14,6 +14,7 @@ from ..manifest import ArtifactError
 FAMILIES = {
     "llava": "llava",
     "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
     "qwen2_vl": "qwen2_vl",
 }
 

@@ -92,6 +92,11 @@ class Family:
         """A decoded PIL image -> its MediaItem."""
         raise NotImplementedError
 
+    def prepare_images(self, images: list, **options) -> list[MediaItem]:
+        """The decoded images of one prompt, in order (a family whose preprocessing depends on how
+        many images share the prompt overrides this)."""
+        return [self.prepare(i, **options) for i in images]
+
     def prepare_video(self, frames, fps: float | None = None, **options) -> MediaItem:
         """frames [F, H, W, 3] uint8 (runtime/video.py) sampled at `fps` -> its MediaItem."""
         raise NotImplementedError(f"the {self.name} family takes no video")
