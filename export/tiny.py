@@ -202,6 +202,39 @@ def build_tiny_onevision(cfg: TinyConfig):
     return model, processor
 
 
+def build_tiny_blip2(cfg: TinyConfig):
+    """BLIP-2: BLIP ViT, a 2-layer Q-Former with `num_query_tokens` queries, OPT."""
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(cfg.vocab_size)
+    text = transformers.OPTConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, word_embed_proj_dim=cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, ffn_dim=cfg.text_intermediate,
+        max_position_embeddings=cfg.context_length, pad_token_id=tokenizer.pad_token_id, bos_token_id=1,
+        eos_token_id=2, init_std=0.1)
+    vision = transformers.Blip2VisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                                            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                                            image_size=cfg.image_size, patch_size=cfg.patch_size)
+    qformer = transformers.Blip2QFormerConfig(hidden_size=cfg.vision_hidden, num_hidden_layers=2,
+                                              num_attention_heads=cfg.vision_heads,
+                                              intermediate_size=2 * cfg.vision_hidden, encoder_hidden_size=cfg.vision_hidden)
+    config = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                      text_config=text.to_dict(), num_query_tokens=cfg.num_query_tokens,
+                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(cfg.seed)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF initializes the queries to zeros; random ones make the image matter
+        model.query_tokens.normal_(0, 1)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    s = cfg.image_size
+    image = transformers.BlipImageProcessor(size={"height": s, "width": s})
+    tokenizer.image_token = "<image>"  # so Blip2Processor does not add another
+    processor = transformers.Blip2Processor(image_processor=image, tokenizer=tokenizer,
+                                            num_query_tokens=cfg.num_query_tokens)
+    return model, processor
+
+
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
     import transformers
@@ -210,6 +243,8 @@ def build_tiny_model(cfg: TinyConfig):
         return build_tiny_qwen_vl(cfg)
     if cfg.family == "llava_onevision":
         return build_tiny_onevision(cfg)
+    if cfg.family == "blip2":
+        return build_tiny_blip2(cfg)
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:

@@ -27,7 +27,7 @@ RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "b
 
 # image_processor_type -> family. Without torchvision, transformers 5.x runs every one of these
 # (the plain, "Fast" and "Pil" names) with its PIL backend, which is what we reproduce.
-_HF_FAMILIES = {"CLIP": "clip", "Llava": "llava", "Siglip": "siglip", "Bit": "bit"}
+_HF_FAMILIES = {"CLIP": "clip", "Llava": "llava", "Siglip": "siglip", "Bit": "bit", "Blip": "blip"}
 _HF_TYPES = {
     f"{prefix}ImageProcessor{suffix}": family
     for prefix, family in _HF_FAMILIES.items()
@@ -50,6 +50,15 @@ _HF_DEFAULTS = {
     "clip": _CLIP_DEFAULTS,
     "llava": _CLIP_DEFAULTS,
     "bit": _CLIP_DEFAULTS,  # DINOv2 checkpoints set size 256 and ImageNet mean/std themselves
+    "blip": {  # BLIP / BLIP-2: resize to a fixed square, no crop, CLIP's mean/std
+        "size": {"height": 384, "width": 384},
+        "crop_size": None,
+        "do_center_crop": False,
+        "do_pad": False,
+        "resample": 3,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+    },
     "siglip": {
         "size": {"height": 224, "width": 224},
         "crop_size": None,

@@ -28,12 +28,7 @@ from .manifest import ArtifactError, Manifest, load_manifest
 from .runners import check_threads
 from .sampling import SamplingParams
 from .session import Generation, GenerationResult, Timings
-from .text import (
-    TextProcessor,
-    chat_prompt_adds_special_tokens,
-    expand_placeholders,
-    render_chat_template,
-)
+from .text import TextProcessor, chat_prompt_adds_special_tokens, render_chat_template
 
 __all__ = ["VLM", "PromptError", "GenerationResult", "Timings"]
 
@@ -242,10 +237,8 @@ class VLM:
         except UnicodeEncodeError as e:
             raise PromptError(f"prompt is not valid text: {e.reason} at position {e.start} "
                               "(a lone surrogate, e.g. from bytes decoded with errors='surrogateescape')") from None
-        given = {"image": request.images, "video": request.videos}
         try:
-            for kind, media in self.facts.media.items():
-                expand_placeholders(request.prompt, media.placeholder, [1] * len(given.get(kind, ())), kind)
+            self.family.check_placeholders(request.prompt, {"image": len(request.images), "video": len(request.videos)})
         except ValueError as e:
             raise PromptError(str(e)) from None
 
@@ -256,6 +249,7 @@ class VLM:
         except ValueError as e:
             raise PromptError(str(e)) from None
         ids = np.asarray(self.text.encode(text, add_special_tokens=request.add_special_tokens), dtype=np.int64)
+        ids = self.family.prompt_ids(ids, items)  # BLIP-2: query tokens before BOS
         if len(ids) >= f.context_length:
             visual = sum(i.num_tokens for i in items)
             raise PromptError(

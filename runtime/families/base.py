@@ -110,6 +110,16 @@ class Family:
         """features [n, T, C] of this item's rows -> embeds [num_tokens, C]."""
         return features.reshape(-1, features.shape[-1])
 
+    def check_placeholders(self, prompt: str, counts: dict[str, int]) -> None:
+        """Before any media is read: one placeholder per item of each kind (ValueError says what differs)."""
+        for kind, media in self.facts.media.items():
+            expand_placeholders(prompt, media.placeholder, [1] * counts.get(kind, 0), kind)
+
+    def prompt_ids(self, ids: np.ndarray, items: list[MediaItem]) -> np.ndarray:
+        """The encoded prompt [S] -> the ids the decoder sees (a family placing media tokens outside
+        the text, BLIP-2, adds them here)."""
+        return ids
+
     def expand_prompt(self, prompt: str, items: list[MediaItem]) -> str:
         """Each kind's placeholders in turn: the i-th becomes the i-th item of that kind's token count."""
         for kind, media in self.facts.media.items():
