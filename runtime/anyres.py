@@ -217,13 +217,16 @@ def preprocess(image: Image.Image, p: AnyresParams) -> tuple[np.ndarray, Pair]:
     return out.astype(np.float32, copy=False), pixels.shape[:2]
 
 
-def image_tiles(pixels: np.ndarray, p: AnyresParams) -> list[np.ndarray]:
+def image_tiles(pixels: np.ndarray, p: AnyresParams, resize=None) -> list[np.ndarray]:
     """[h, w, 3] uint8 -> [base, tile_0_0, tile_0_1, ...] uint8, before the per-tile transforms.
-    Mirrors LlavaNextImageProcessorPil.get_image_patches."""
+    Mirrors LlavaNextImageProcessorPil.get_image_patches (LLaVA-OneVision's is the same code).
+    ``resize(pixels, (h, w), resample)``: Pillow's (the default), or resize_aa's for HF's
+    torchvision backend."""
+    resize = resize or _pil_resize
     best = select_best_resolution(pixels.shape[:2], p.grid_pinpoints)
-    resized = _pil_resize(pixels, patch_output_size(pixels.shape[:2], best), p.resample)
+    resized = resize(pixels, patch_output_size(pixels.shape[:2], best), p.resample)
     padded = _pad_centered(resized, best)  # [best_h, best_w, 3]
-    base = _pil_resize(pixels, p.size_hw or (p.shortest_edge,) * 2, p.resample)
+    base = resize(pixels, p.size_hw or (p.shortest_edge,) * 2, p.resample)
     return [base] + _divide(padded, p.tile_side)
 
 
