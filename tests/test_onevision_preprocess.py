@@ -455,3 +455,34 @@ def test_onevision_does_not_import_torch_or_transformers():
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole tiny processor (the recipe the tiny checkpoint uses): its prompts' <image> counts
+
+
+@pytest.fixture(scope="module")
+def tiny_processor():
+    from vlmdeploy.export.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(260)
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
+    with pytest.MonkeyPatch.context() as mp:  # no torchvision: no video processor, so skip the class check
+        mp.setattr(LlavaOnevisionProcessor, "check_argument_for_proper_class", lambda *a, **k: None)
+        yield LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessorPil(**TINY), tokenizer=tokenizer,
+                                      video_processor=None, num_image_tokens=4, vision_feature_select_strategy="full",
+                                      vision_aspect_ratio="anyres_max_1")
+
+
+def test_tiny_processor_prompt_counts(tiny_processor):
+    d = tiny_processor.to_dict()
+    model_config = {**_vision(28), "vision_aspect_ratio": "anyres_max_1"}
+    p = OnevisionImageParams.from_hf(d["image_processor"], d, model_config)
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
+    a, b = PHOTOS["chelsea"], PHOTOS["tall"]
+    one_each = tiny_processor(text=["x <image> y", "<image> z"], images=[[a], [b]], return_tensors="np", padding=True)
+    assert [int(n) for n in (one_each["input_ids"] == image_id).sum(1)] == [p.image_tokens((300, 451)),
+                                                                              p.image_tokens((1200, 90))]
+    shared = tiny_processor(text=["x <image> y <image>"], images=[[a, b]], return_tensors="np")
+    assert (shared["input_ids"] == image_id).sum() == 2 * p.image_tokens((300, 451), multi_image=True) == 10
+    assert list(shared["batch_num_images"]) == [2] and shared["pixel_values"].shape == (2, 1, 3, 28, 28)  # per image
