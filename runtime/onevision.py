@@ -76,6 +76,9 @@ class OnevisionImageParams:
         object.__setattr__(self, "grid_pinpoints", _pinpoints(self.grid_pinpoints))
         _ = self.anyres  # checks: pinpoints a whole number of tiles
         max_patches(self.vision_aspect_ratio)
+        if self.image_backend == "torchvision" and self.resample not in (2, 3):
+            raise ValueError(f"image_backend 'torchvision' resizes with bilinear (2) or bicubic (3) resampling, "
+                             f"got resample={self.resample}; use image_backend 'pil' for other filters")
 
     @classmethod
     def from_hf(cls, image_processor: dict, processor: dict | None = None,
@@ -85,14 +88,14 @@ class OnevisionImageParams:
         ``config.json``; absent keys take HF's class defaults. Raises ValueError where they disagree
         in a way that makes HF's model refuse the processor's tokens."""
         ip, processor, model_config = _image_dict(image_processor), dict(processor or {}), dict(model_config or {})
-        vision = model_config.get("vision_config") or {}
+        vision = _vision_config(model_config)
         params = cls(
             grid_pinpoints=ip.get("image_grid_pinpoints") or ONEVISION_PINPOINTS,
             tile=_hf_tile(ip.get("size"), ip.get("crop_size"), ip.get("do_center_crop")),
-            patch_size=vision.get("patch_size", 14),
+            patch_size=vision["patch_size"],
             vision_aspect_ratio=model_config.get("vision_aspect_ratio", "anyres_max_9"),
             image_backend=image_backend,
-            **_hf_common(ip),
+            **_hf_common(ip, cls),
         )
         _check_model(params, ip, processor, model_config, vision)
         return params
@@ -165,7 +168,7 @@ class OnevisionVideoParams:
         kind = vp.get("video_processor_type")
         if kind is not None and kind not in HF_VIDEO_TYPES:
             raise ValueError(f"video_processor_type {kind!r} is not LLaVA-OneVision's; allowed: {HF_VIDEO_TYPES}")
-        return cls(size=_hf_tile(vp.get("size"), vp.get("crop_size"), vp.get("do_center_crop")), **_hf_common(vp))
+        return cls(size=_hf_tile(vp.get("size"), vp.get("crop_size"), vp.get("do_center_crop")), **_hf_common(vp, cls))
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -242,7 +245,8 @@ def _pil_normalized(x: np.ndarray, p) -> np.ndarray:
     """HF's numpy arithmetic: rescale in float64 cast to float32, normalize in float32."""
     x = (x.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else x.astype(np.float32)
     if p.do_normalize:
-        x = (x - np.asarray(p.image_mean, np.float32)[:, None, None]) / np.asarray(p.image_std, np.float32)[:, None, None]
+        mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
+        x = (x - mean[:, None, None]) / std[:, None, None]
     return x
 
 
@@ -273,17 +277,17 @@ def _rgb(image: Any, p: OnevisionImageParams) -> np.ndarray:
 def packed_grid(image_size: Pair, grid: Pair, tokens_side: int, max_num_patches: int) -> tuple[Pair, Pair, Pair]:
     """The feature map of an anyres image: ((top, bottom), (left, right)) of the unpadded part of the
     stitched [rows * side, cols * side] map, and (h, w) after the downscale (the unpadded size when
-    not over max_num_patches tiles by more than 10%)."""
+    not over max_num_patches tiles by more than 10%; h may be 0, for a sliver of an image)."""
     rows, cols = _check_grid(grid)
     bounds = anyres.unpad_bounds(image_size, (rows * tokens_side, cols * tokens_side))
     (top, bottom), (left, right) = bounds
     h, w = bottom - top, right - left
     ratio = math.sqrt(h * w / (max_num_patches * tokens_side**2))
-    if ratio > 1.1:
+    if ratio > 1.1:  # an unpadded map of 0 rows (a 1-pixel sliver of an image) stays empty, as in HF
         h, w = int(h // ratio), int(w // ratio)
-    if h < 1 or w < 1:
-        raise ImageError(f"a {image_size[1]}x{image_size[0]} image leaves a {w}x{h} feature map after unpadding; "
-                         "its aspect ratio is too extreme for LLaVA-OneVision (crop or pad it)")
+        if h < 1 or w < 1:  # HF's interpolate would fail
+            raise ImageError(f"a {image_size[1]}x{image_size[0]} image downscales to a {w}x{h} feature map; "
+                             "its aspect ratio is too extreme for LLaVA-OneVision (crop or pad it)")
     return bounds[0], bounds[1], (h, w)
 
 
@@ -325,21 +329,27 @@ def _stitch(tiles: np.ndarray, grid: Pair, side: int) -> np.ndarray:
 
 
 def bilinear(x: np.ndarray, size: Pair) -> np.ndarray:
-    """[..., H, W, C] -> [..., h, w, C], as torch's ``F.interpolate(mode="bilinear",
-    align_corners=False)`` (no antialias: a downscale reads only the two nearest rows/columns)."""
-    (h0, h1, hl), (w0, w1, wl) = _taps(x.shape[-3], size[0]), _taps(x.shape[-2], size[1])
-    y = x.astype(np.float64)
-    y = np.take(y, h0, -3) * (1 - hl)[:, None, None] + np.take(y, h1, -3) * hl[:, None, None]  # [..., h, W, C]
-    y = np.take(y, w0, -2) * (1 - wl)[:, None] + np.take(y, w1, -2) * wl[:, None]  # [..., h, w, C]
-    return y.astype(x.dtype)
+    """[..., H, W, C] float -> [..., h, w, C], as torch's ``F.interpolate(mode="bilinear",
+    align_corners=False)`` on a CPU (no antialias: a downscale reads only the two nearest rows and
+    columns), in torch's float32 order: h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11)."""
+    (h0, h1, hw0, hw1), (w0, w1, ww0, ww1) = _taps(x.shape[-3], size[0]), _taps(x.shape[-2], size[1])
+    y = x.astype(np.float32, copy=False)
+
+    def row(index):  # [..., h, w, C]: one source row per output row, interpolated along W
+        r = np.take(y, index, -3)
+        return np.take(r, w0, -2) * ww0[:, None] + np.take(r, w1, -2) * ww1[:, None]
+
+    return (row(h0) * hw0[:, None, None] + row(h1) * hw1[:, None, None]).astype(x.dtype, copy=False)
 
 
-def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first source index, second, weight of the second) per output index, in float32 as torch."""
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, ...]:
+    """(first source index, second, their float32 weights) per output index, as torch computes them."""
     scale = np.float32(in_size) / np.float32(out_size)
-    src = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
-    i0 = src.astype(np.int64)  # [out]
-    return i0, np.minimum(i0 + 1, in_size - 1), (src - i0).astype(np.float64)
+    src = (np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)  # float scale, double index
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)  # [out]
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, np.minimum(i0 + 1, in_size - 1), np.float32(1) - lam, lam
 
 
 def _check_grid(grid: Any) -> Pair:
@@ -408,7 +418,8 @@ def _frames(frames: Any) -> np.ndarray:
         frames = np.stack(frames)
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         what = f"{frames.dtype} {list(frames.shape)}" if isinstance(frames, np.ndarray) else type(frames).__name__
-        raise ImageError(f"a video is a uint8 array [frames, height, width, 3] (RGB) or a list of PIL images, got {what}")
+        raise ImageError(f"a video is a uint8 array [frames, height, width, 3] (RGB) or a list of PIL images, "
+                         f"got {what}")
     if 0 in frames.shape:
         raise ImageError(f"a video array has an empty dimension: {list(frames.shape)}")
     return frames
@@ -476,10 +487,10 @@ def _image_dict(image_processor: Any) -> dict:
     return image_processor
 
 
-def _hf_common(d: dict) -> dict:
-    """The flags and numbers both processors share; null flags are off, as in HF."""
-    keys = ("resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
-            "do_convert_rgb")
+def _hf_common(d: dict, cls) -> dict:
+    """The flags and numbers of ``cls`` that HF's dict gives; null flags are off, as in HF."""
+    keys = {f.name for f in fields(cls)} & {"resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize",
+                                            "image_mean", "image_std", "do_convert_rgb"}
     out = {k: d[k] for k in keys if k in d and d[k] is not None}
     out.update({k: False for k in keys if k.startswith("do_") and k in d and d[k] is None})
     return out
@@ -504,21 +515,34 @@ def _hf_tile(size: Any, crop_size: Any, do_center_crop: Any) -> int:
     return side
 
 
+def _vision_config(model_config: dict) -> dict:
+    """The vision tower's image_size and patch_size: LlavaOnevisionConfig's SigLIP defaults (384, 14) when
+    there is no vision_config; a given one must state both (SiglipVisionConfig's own defaults differ)."""
+    vision = model_config.get("vision_config")
+    if vision is None:
+        return {"image_size": 384, "patch_size": 14}
+    if "image_size" not in vision or "patch_size" not in vision:
+        raise ValueError(f"vision_config must give image_size and patch_size, got keys {sorted(vision)}")
+    return vision
+
+
 def _check_model(p: OnevisionImageParams, ip: dict, processor: dict, model_config: dict, vision: dict) -> None:
     """What makes HF's model and processor agree on the features of an image."""
-    image_size = vision.get("image_size", 384)
+    image_size = vision["image_size"]
     if image_size != p.tile:
         raise ValueError(f"image tiles are {p.tile}x{p.tile} but the vision tower takes {image_size}x{image_size}")
     model_pinpoints = model_config.get("image_grid_pinpoints")
     if model_pinpoints is not None and _pinpoints(model_pinpoints) != p.grid_pinpoints:
         raise ValueError(f"image processor grid_pinpoints {p.grid_pinpoints} differ from the model config's "
                          f"image_grid_pinpoints {_pinpoints(model_pinpoints)}")
-    if processor.get("vision_aspect_ratio", p.vision_aspect_ratio) != p.vision_aspect_ratio:
-        raise ValueError(f"processor vision_aspect_ratio {processor['vision_aspect_ratio']!r} differs from the "
+    if processor and processor.get("vision_aspect_ratio", "anyres_max_9") != p.vision_aspect_ratio:
+        raise ValueError(f"processor vision_aspect_ratio {processor.get('vision_aspect_ratio')!r} (absent: "
+                         "'anyres_max_9') differs from the "
                          f"model's {p.vision_aspect_ratio!r}")
     n = processor.get("num_image_tokens")
     drop = processor.get("vision_feature_select_strategy") == "default"
     if n is not None and (math.isqrt(n) != p.tokens_side or n - drop != p.tokens_side**2):
-        raise ValueError(f"processor num_image_tokens={n} (strategy {processor.get('vision_feature_select_strategy')!r}) "
+        strategy = processor.get("vision_feature_select_strategy")
+        raise ValueError(f"processor num_image_tokens={n} (strategy {strategy!r}) "
                          f"does not match the tower's {p.tokens_side}x{p.tokens_side} tokens per tile "
                          f"(image_size {image_size} / patch_size {p.patch_size})")

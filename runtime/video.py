@@ -128,6 +128,9 @@ def _check_positive(name: str, value: Any, types) -> None:
         raise VideoError(f"{name} must be a positive {'integer' if types is int else 'number'}, got {value!r}")
 
 
+UNIFORM_SAMPLING_TYPES = ("LlavaOnevisionVideoProcessor",)  # video processors on BaseVideoProcessor's rule
+
+
 @dataclass(frozen=True)
 class FrameSampling:
     """Which rule picks frames, with its settings (from the HF video processor's config)."""
@@ -145,12 +148,16 @@ class FrameSampling:
 
     @classmethod
     def from_dict(cls, d: dict) -> FrameSampling:
-        """From a Qwen2-VL video (or image) processor config dict: its min_frames, max_frames and
-        temporal_patch_size, Qwen2VLVideoProcessor's class defaults (4, 768, 2) for absent keys."""
+        """From a video (or image) processor config dict. Qwen2VLVideoProcessor (the default): its
+        min_frames, max_frames and temporal_patch_size, the class defaults (4, 768, 2) for absent keys.
+        LlavaOnevisionVideoProcessor: HF's generic rule (BaseVideoProcessor.sample_frames), "uniform"."""
         kind = d.get("video_processor_type") or "Qwen2VLVideoProcessor"
+        if kind in UNIFORM_SAMPLING_TYPES:
+            return cls(rule="uniform")
         if kind != "Qwen2VLVideoProcessor":
-            raise ValueError(f"video_processor_type {kind!r} has no frame sampling rule here; "
-                             "allowed: Qwen2VLVideoProcessor (use FrameSampling(rule='uniform') for HF's generic rule)")
+            raise ValueError(f"video_processor_type {kind!r} has no frame sampling rule here; allowed: "
+                             f"Qwen2VLVideoProcessor, {', '.join(UNIFORM_SAMPLING_TYPES)} (use "
+                             "FrameSampling(rule='uniform') for HF's generic rule)")
         keys = ("min_frames", "max_frames", "temporal_patch_size")
         return cls(rule="qwen2_vl", **{k: d[k] for k in keys if d.get(k) is not None})
 

@@ -423,8 +423,9 @@ def test_frame_sampling_from_hf_config(hf_video):
         want = hf_video(**config).sample_frames(metadata, fps=fps).numpy()
         assert sampling.indices(total, video_fps, fps=fps).tolist() == want.tolist()
     assert FrameSampling.from_dict({}) == FrameSampling()
-    with pytest.raises(ValueError, match="LlavaOnevisionVideoProcessor.*no frame sampling rule"):
-        FrameSampling.from_dict({"video_processor_type": "LlavaOnevisionVideoProcessor"})
+    with pytest.raises(ValueError, match="InternVLVideoProcessor.*no frame sampling rule"):
+        FrameSampling.from_dict({"video_processor_type": "InternVLVideoProcessor"})
+    assert FrameSampling.from_dict({"video_processor_type": "LlavaOnevisionVideoProcessor"}).rule == "uniform"
 
 
 def test_a_clip_shorter_than_a_temporal_patch_keeps_its_frame():
