@@ -76,12 +76,8 @@ class Blip2Export(LlavaStyleExport):
             raise c.ExportError(f"the processor prepends {given} image tokens but the model has {queries} queries")
         return {"typical": queries, "tokens_per_image": queries}
 
-    def model_facts(self, model, files: ProcessorFiles, tokenizer, dtype: str):
-        import dataclasses
-
-        facts = super().model_facts(model, files, tokenizer, dtype)
-        params = {k: v for k, v in facts.family_params.items() if not k.startswith("vision_feature")}
-        return dataclasses.replace(facts, family_params=params)
+    def feature_params(self, cfg) -> dict:
+        return {}  # the Q-Former reads the vision model's last hidden state
 
     def graph_specs(self, facts, model, log) -> dict[str, GraphSpec]:
         """LLaVA's graphs, except that the projector (the Q-Former) gives Q tokens, not one per patch."""

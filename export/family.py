@@ -62,8 +62,7 @@ class LlavaStyleExport:
             eos_token=tokenizer.eos_token,
             context_length=context,
             kv_layers=c.kv_layers(text),
-            family_params={**tokens, "vision_feature_layer": cfg.vision_feature_layer,
-                           "vision_feature_select_strategy": cfg.vision_feature_select_strategy},
+            family_params={**tokens, **self.feature_params(cfg)},
             positions="cumsum",
             pipeline=dict(DEFAULT_PIPELINE),
             tensors={name: f"{name}.npy" for name in self.tensors(model, dtype)},
@@ -71,6 +70,11 @@ class LlavaStyleExport:
             limits={"seq": context, "total": context, "capacity": context, "past": context - 1,
                     "batch": None, "num_images": None, "rows_per_image": self.rows_per_image(preprocess)},
         )
+
+    def feature_params(self, cfg) -> dict:
+        """Which vision hidden states feed the projector (family_params; LLaVA's config fields)."""
+        return {"vision_feature_layer": cfg.vision_feature_layer,
+                "vision_feature_select_strategy": cfg.vision_feature_select_strategy}
 
     def _dims(self, model, files: ProcessorFiles, dtype: str) -> ModelDims:
         text = model.config.get_text_config()

@@ -223,13 +223,14 @@ def build_tiny_blip2(cfg: TinyConfig):
                                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(cfg.seed)
     model = transformers.Blip2ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # HF initializes the queries to zeros; random ones make the image matter
-        model.query_tokens.normal_(0, 1)
+    with torch.no_grad():  # HF's init leaves the queries at zero and the vision output ~1e-6: the image would not matter
+        for name, param in model.named_parameters():
+            if not name.startswith("language_model."):
+                param.normal_(0, 0.2)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     s = cfg.image_size
     image = transformers.BlipImageProcessor(size={"height": s, "width": s})
-    tokenizer.image_token = "<image>"  # so Blip2Processor does not add another
     processor = transformers.Blip2Processor(image_processor=image, tokenizer=tokenizer,
                                             num_query_tokens=cfg.num_query_tokens)
     return model, processor
