@@ -10,6 +10,7 @@ from .recipes import RecipeError
 # HF architecture -> module in vlmdeploy.export (its FAMILY object)
 FAMILIES = {
     "Blip2ForConditionalGeneration": "blip2",
+    "InternVLForConditionalGeneration": "internvl",
     "LlavaForConditionalGeneration": "llava",
     "LlavaNextForConditionalGeneration": "llava_next",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .recipes import TinyConfig
-from .tiny_tokenizer import (LLAVA_CHAT_TEMPLATE, ONEVISION_CHAT_TEMPLATE, ONEVISION_SPECIALS, QWEN2_VL_CHAT_TEMPLATE,
-                             build_tiny_tokenizer)
+from .tiny_tokenizer import (INTERNVL_CHAT_TEMPLATE, INTERNVL_NAMED, INTERNVL_SPECIALS, LLAVA_CHAT_TEMPLATE,
+                             ONEVISION_CHAT_TEMPLATE, ONEVISION_SPECIALS, QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -236,6 +236,41 @@ def build_tiny_blip2(cfg: TinyConfig):
     return model, processor
 
 
+def build_tiny_internvl(cfg: TinyConfig):
+    """InternVL: an InternViT (CLS + patches), pixel shuffle 0.5, Qwen2; GotOcr2 tiles of image_size."""
+    import transformers
+
+    base = build_tiny_tokenizer(cfg.vocab_size, qwen=True, specials=INTERNVL_SPECIALS)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        padding_side="left", clean_up_tokenization_spaces=False, extra_special_tokens=INTERNVL_NAMED)
+    seq = (cfg.image_size // cfg.patch_size) ** 2 // 4
+    vision = dict(hidden_size=cfg.vision_hidden, num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                  intermediate_size=2 * cfg.vision_hidden, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                  initializer_range=0.1)
+    config = transformers.InternVLConfig(
+        vision_config=vision, text_config=text_config(cfg, tokenizer.pad_token_id).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5,
+        vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config.text_config.eos_token_id, config.text_config.bos_token_id = tokenizer.eos_token_id, None
+    torch.manual_seed(cfg.seed)
+    model = transformers.InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a milder projector: at init scale every image drives the tiny LM to one repeated token
+        for param in model.model.multi_modal_projector.parameters():
+            param.mul_(0.3)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    s = cfg.image_size
+    image = transformers.GotOcr2ImageProcessor(size={"height": s, "width": s}, max_patches=cfg.internvl_max_tiles)
+    cls = transformers.InternVLProcessor
+    cls.check_argument_for_proper_class = lambda *a, **k: None  # no video processor: it needs torchvision
+    processor = cls(image_processor=image, tokenizer=tokenizer, video_processor=None, image_seq_length=seq,
+                    chat_template=INTERNVL_CHAT_TEMPLATE)
+    processor.get_attributes = lambda: ["image_processor", "tokenizer"]
+    return model, processor
+
+
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
     import transformers
@@ -246,6 +281,8 @@ def build_tiny_model(cfg: TinyConfig):
         return build_tiny_onevision(cfg)
     if cfg.family == "blip2":
         return build_tiny_blip2(cfg)
+    if cfg.family == "internvl":
+        return build_tiny_internvl(cfg)
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:

@@ -134,6 +134,19 @@ ONEVISION_CHAT_TEMPLATE = (
 )
 
 
+# InternVL (-hf checkpoints): a Qwen2 tokenizer with its image tokens as named extra special tokens.
+INTERNVL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+INTERNVL_NAMED = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                  "video_token": "<video>"}
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 def build_tiny_tokenizer(vocab_size: int = 256, qwen: bool = False, specials: tuple[str, ...] | None = None
                          ) -> PreTrainedTokenizerFast:
     """Train the tiny tokenizer and wrap it as a transformers fast tokenizer (`TokenizersBackend`).

@@ -48,6 +48,9 @@ FAMILY_VARIANTS = {
 _QWEN = dict(text_model="qwen2", vocab_size=300, text_hidden=64, text_heads=4, text_kv_heads=2, vision_hidden=32,
              vision_heads=2, vision_layers=2)
 QWEN_VARIANTS = {
+    # InternVL (tests/test_internvl.py): InternViT 28/7 (4x4 patches + CLS), pixel shuffle -> 4 tokens a
+    # tile, up to 6 tiles + a thumbnail, Qwen2
+    "internvl": TinyConfig(seed=25, family="internvl", text_model="qwen2", image_size=28, patch_size=7, vocab_size=300),
     # BLIP-2 (tests/test_blip2.py): BLIP ViT 28/14, a 2-layer Q-Former with 8 queries, OPT
     "blip2": TinyConfig(seed=24, family="blip2", text_model="opt", image_size=28),
     # LLaVA-OneVision (tests/test_llava_onevision.py): SigLIP 42/14 (3x3 tokens a tile, odd: pooling
