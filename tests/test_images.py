@@ -26,6 +26,7 @@ from transformers import (  # noqa: E402
     CLIPImageProcessorPil,
     LlavaImageProcessorPil,
     SiglipImageProcessorPil,
+    BlipImageProcessorPil,
 )
 
 CLIP, LLAVA = "CLIPImageProcessor", "LlavaImageProcessor"
@@ -436,6 +437,8 @@ FAMILY_CASES = {
         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
     ),
     "bit_defaults": lambda: BitImageProcessorPil(),
+    "blip_defaults": lambda: BlipImageProcessorPil(),  # BLIP-2: 384x384, no crop, CLIP mean/std
+    "blip_tiny_bilinear": lambda: BlipImageProcessorPil(size=_hw(28, 36), resample=2),
     "bit_tiny": lambda: BitImageProcessorPil(
         size={"shortest_edge": 32}, crop_size=_hw(28, 28),
         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
@@ -443,7 +446,8 @@ FAMILY_CASES = {
 }
 FAMILY_SIZE = {"siglip224": (224, 224), "siglip384": (384, 384), "siglip28": (28, 28),
                "siglip_rect_bilinear": (20, 36), "dinov2": (224, 224),
-               "bit_defaults": (224, 224), "bit_tiny": (28, 28)}
+               "bit_defaults": (224, 224), "bit_tiny": (28, 28), "blip_defaults": (384, 384),
+               "blip_tiny_bilinear": (28, 36)}
 
 
 def _saved_config(hf, tmp_path) -> dict:
@@ -505,6 +509,7 @@ def test_nested_processor_config_matches_hf_exactly(case, make, images, tmp_path
         (LLAVA, LlavaImageProcessorPil),
         ("SiglipImageProcessor", SiglipImageProcessorPil),
         ("BitImageProcessor", BitImageProcessorPil),
+        ("BlipImageProcessor", BlipImageProcessorPil),
     ],
 )
 def test_class_defaults_match_hf(kind, hf_cls):
@@ -633,7 +638,7 @@ def test_hf_image_processor_kinds():
     kinds = hf_image_processor_kinds()
     assert isinstance(kinds, tuple) and list(kinds) == sorted(set(kinds))
     bases = {"CLIPImageProcessor", "LlavaImageProcessor", "SiglipImageProcessor",
-             "BitImageProcessor"}
+             "BitImageProcessor", "BlipImageProcessor"}
     assert set(kinds) == {b + s for b in bases for s in ("", "Fast", "Pil")}
     for kind in kinds:
         ImagePreprocessor.from_hf_config({"image_processor_type": kind})  # each is accepted
