@@ -415,8 +415,12 @@ def expand_placeholders(prompt: str, placeholder: str, counts: list[int], kind: 
 class IncrementalDetokenizer:
     """Turns generated ids into text as they arrive; all `push` results + `flush()` == `decode(ids)`.
 
-    Each push decodes the whole sequence (so Llama's leading-space strip and the like come out as
-    in a full decode) and returns the part that can no longer change. Held back:
+    Each push decodes a window, not the whole sequence (O(1) per token, not O(n)): the last
+    `CONTEXT` frozen tokens plus the new ones, minus the text of those context tokens decoded alone.
+    The window starts on a token boundary of a complete character, so decoders that act on the
+    start of a sequence (Llama's leading-space strip) treat both decodes alike and the difference
+    is the new tokens' text as a full decode gives it. Tokens are frozen once their text is final.
+    The part of the text that can no longer change is returned. Held back:
     - trailing U+FFFD: an incomplete UTF-8 character (byte-level decoders);
     - a run of `<0xNN>` tokens at the end (ByteFallback decoders): ByteFallback decodes a run as a
       whole and turns ALL of it into U+FFFD when it is not valid UTF-8, even characters that were
@@ -425,21 +429,50 @@ class IncrementalDetokenizer:
       (a later token could still complete " 's", " n't", ...).
     """
 
+    CONTEXT = 6  # frozen tokens decoded again with each window
+
     def __init__(self, text_processor: TextProcessor, skip_special_tokens: bool = True):
         self._tp = text_processor
         self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._emitted = ""
+        self._frozen = 0  # ids[:frozen] have final text...
+        self._frozen_text = ""  # ...this (their full decode)
+        self._start = 0  # the window: ids[start:], start <= frozen - CONTEXT
+        self._context_text = ""  # decode(ids[start:frozen]) alone
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
         if self._in_byte_run():
             return ""
-        raw = self._tp.tokenizer.decode(self._ids, skip_special_tokens=self._skip)
-        return self._emit(raw[: self._stable_length(raw)])
+        raw = self._raw()
+        out = self._emit(raw[: self._stable_length(raw)])
+        if not raw.endswith(_REPLACEMENT_CHAR):
+            self._freeze(raw)
+        return out
 
     def flush(self) -> str:
-        return self._emit(self._tp.tokenizer.decode(self._ids, skip_special_tokens=self._skip))
+        return self._emit(self._raw())
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tp.tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def _raw(self) -> str:
+        """decode(ids), from the frozen text and a window over the unfrozen tokens."""
+        window = self._decode(self._ids[self._start:])
+        if not window.startswith(self._context_text):  # a decoder that is not local here: decode it all
+            return self._decode(self._ids)
+        return self._frozen_text + window[len(self._context_text):]
+
+    def _freeze(self, raw: str) -> None:
+        """Every id so far has its final text (`raw`): the next window starts CONTEXT tokens back, or
+        further while those decode to nothing (skipped special tokens: a decoder that strips the
+        sequence's first space would otherwise strip the new text's)."""
+        self._frozen, self._frozen_text = len(self._ids), raw
+        self._start, self._context_text = self._frozen, ""
+        while self._start > 0 and (self._frozen - self._start < self.CONTEXT or not self._context_text):
+            self._start = max(0, self._start - self.CONTEXT)
+            self._context_text = self._decode(self._ids[self._start:self._frozen])
 
     @property
     def text(self) -> str:

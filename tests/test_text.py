@@ -319,3 +319,35 @@ def test_padding_and_truncation_in_tokenizer_json_are_ignored_like_transformers(
     text = "What is shown in this image? A sentence longer than eight tokens."
     assert tp.encode(text) == hf_tok(text)["input_ids"]
     assert len(tp.encode(text)) > 8 and tp.encode("hi") == hf_tok("hi")["input_ids"]
+
+
+def _llama_like_tokenizer_json(tmp_path):
+    """A SentencePiece-style tokenizer as Llama's tokenizer.json has it: BPE with byte fallback,
+    `▁` for spaces, a decoder that strips the first leading space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    alphabet = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *alphabet], show_progress=False)
+    tok.train_from_iterator(["the cat sat on the mat", "hello world, what is this?", "café naïve"] * 20, trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_incremental_detokenizer_windows_equal_decode_on_long_random_sequences(tp, tmp_path):
+    """Windowed decoding (a few frozen tokens as context) equals a full decode, pushed token by token,
+    for the byte-level tiny tokenizer and a Llama-style byte-fallback one; long sequences cross many windows."""
+    llama = TextProcessor.from_files(_llama_like_tokenizer_json(tmp_path), {"clean_up_tokenization_spaces": False})
+    assert llama.byte_fallback_ids
+    rng = random.Random(7)
+    for proc in (tp, llama):
+        vocab = sorted(proc.tokenizer.get_vocab().values())
+        for length in (1, 5, 40, 300):
+            for _ in range(5):
+                ids = [rng.choice(vocab) for _ in range(length)]
+                detok = IncrementalDetokenizer(proc)
+                assert "".join(detok.push(i) for i in ids) + detok.flush() == proc.decode(ids), (proc, ids)
