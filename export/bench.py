@@ -33,7 +33,7 @@ class OursWorker:
     def __init__(self, artifact: str, decoder: str):
         from vlmdeploy.runtime.vlm import VLM
 
-        self.vlm = VLM.load(artifact, decoder=decoder, verify=False)
+        self.vlm = VLM.load(artifact, decoder=decoder, verify=False, threads=_threads())
 
     def ttft(self, image_seed: int) -> float:
         t0 = time.perf_counter()
@@ -125,7 +125,10 @@ WORKERS = {"ours": OursWorker, "hf": HFWorker, "genai": GenaiWorker}
 
 
 def _threads() -> int:
-    return len(os.sched_getaffinity(0))
+    """Threads every side uses: `--threads` (passed to the worker processes in the environment), else
+    every core this process may run on."""
+    given = os.environ.get("VLMDEPLOY_BENCH_THREADS")
+    return int(given) if given else len(os.sched_getaffinity(0))
 
 
 def _image(seed: int):
@@ -448,10 +451,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", nargs="*", default=["int8", "int4"], choices=["int8", "int4"])
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe")
     p.add_argument("--json", help="also write the report here")
+    p.add_argument("--threads", type=int, help="threads for every side (ONNX Runtime, torch, onnxruntime-genai); "
+                                                "default: all cores")
 
 
 def main(args) -> int:
     log = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.threads is not None:
+        if args.threads < 1 or args.threads > len(os.sched_getaffinity(0)):
+            raise ValueError(f"--threads {args.threads}: allowed 1..{len(os.sched_getaffinity(0))} (the cores here)")
+        os.environ["VLMDEPLOY_BENCH_THREADS"] = str(args.threads)
     report = run_bench(args, log)
     print(format_table(report["table"], Plan(**report["plan"])))
     print()
