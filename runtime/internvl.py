@@ -1,0 +1,338 @@
+"""InternVL image preprocessing and ``<image>`` prompt text in numpy + Pillow (no torch, no transformers).
+
+Mirrors transformers 5.24:
+
+- ``preprocess_image``  GotOcr2ImageProcessorPil (image_backend "pil", what transformers runs without
+                        torchvision) or GotOcr2ImageProcessor (the torchvision one): with crop_to_patches
+                        (InternVLProcessor always passes it), the image is resized to a cols x rows canvas of
+                        tiles whose aspect ratio is closest to the image's (min_patches..max_patches tiles),
+                        cut into tiles row-major, then a thumbnail (the whole image resized to one tile) when
+                        there is more than one tile; each tile rescaled and normalized.
+- ``tile_grid`` / ``num_tiles``  get_optimal_tiled_canvas / get_number_of_image_patches, from (h, w) alone.
+- ``image_prompt``      InternVLProcessor.replace_image_token: what replaces one image placeholder
+                        (``<IMG_CONTEXT>`` in the text HF's chat template writes) in the prompt:
+                        ``<img>`` + ``<IMG_CONTEXT>`` * (image_seq_length * tiles) + ``</img>``.
+
+The model (not here: the projector graph) turns each tile's vision features into image_seq_length tokens:
+InternVLModel.get_image_features drops the CLS token, reshapes to a square map, ``InternVLModel.pixel_shuffle``
+(scale_factor = config.downsample_ratio), then InternVLMultiModalProjector (LayerNorm, Linear, act, Linear).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESAMPLE_NAMES, ImageError, check_number, check_triple, to_rgb
+from .resize_aa import resize_uint8_aa
+
+Pair = tuple[int, int]
+
+HF_IMAGE_TYPES = ("GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil", "GotOcr2ImageProcessorFast")
+BACKENDS = ("pil", "torchvision")
+# The tokenizer's extra_special_tokens in the InternVL -hf checkpoints (and HF's conversion script).
+START_IMAGE_TOKEN, END_IMAGE_TOKEN, CONTEXT_IMAGE_TOKEN = "<img>", "</img>", "<IMG_CONTEXT>"
+
+
+@dataclass(frozen=True)
+class InternVLParams:
+    """A GotOcr2 image processor's settings (class defaults: transformers 5.24's), InternVLProcessor's
+    image_seq_length and the image tokens.
+
+    ``tile`` is HF's ``size`` as (height, width). ``crop_to_patches`` defaults to true: InternVLProcessor
+    passes crop_to_patches=True on every call, whatever the image processor's own (false) default.
+    ``image_backend``: "pil" as GotOcr2ImageProcessorPil, "torchvision" as GotOcr2ImageProcessor with
+    torchvision installed (torch's antialiased resize, fused rescale+normalize).
+    """
+
+    tile: Pair = (384, 384)
+    crop_to_patches: bool = True
+    min_patches: int = 1
+    max_patches: int = 12
+    resample: int = 3  # PIL code; 3 = BICUBIC
+    do_convert_rgb: bool = True
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    image_seq_length: int = 256
+    start_image_token: str = START_IMAGE_TOKEN
+    end_image_token: str = END_IMAGE_TOKEN
+    context_image_token: str = CONTEXT_IMAGE_TOKEN
+    image_backend: str = "pil"
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        if self.min_patches > self.max_patches:
+            raise ValueError(f"min_patches ({self.min_patches}) is over max_patches ({self.max_patches}); HF would "
+                             "silently use one tile. Set min_patches <= max_patches")
+        if self.image_backend == "torchvision" and self.resample not in (2, 3):
+            raise ValueError(f"image_backend 'torchvision' resizes with bilinear (2) or bicubic (3) resampling, "
+                             f"got resample={self.resample}; use image_backend 'pil' for other filters")
+
+    @classmethod
+    def from_hf(cls, image_processor: dict, processor: dict | None = None, model_config: dict | None = None,
+                image_backend: str = "pil", special_tokens: dict | None = None) -> InternVLParams:
+        """From ``preprocessor_config.json`` (or a 5.x ``processor_config.json``'s "image_processor"), the
+        processor dict (image_seq_length), ``config.json`` and the tokenizer's ``extra_special_tokens``
+        (start_image_token, end_image_token, context_image_token); absent keys take HF's defaults.
+        ``crop_to_patches`` is InternVLProcessor's (true). Raises ValueError where the model would refuse
+        the processor's tokens."""
+        ip, processor = _image_dict(image_processor), dict(processor or {})
+        tokens = {k: v for k, v in (special_tokens or {}).items()
+                  if k in ("start_image_token", "end_image_token", "context_image_token")}
+        params = cls(tile=_hf_tile(ip.get("size")), image_backend=image_backend,
+                     image_seq_length=processor.get("image_seq_length", 256), **_hf_common(ip), **tokens)
+        if model_config:
+            _check_model(params, model_config)
+        return params
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InternVLParams:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown InternVLParams keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+    @property
+    def tiles_on(self) -> bool:
+        """Whether images are cut into tiles (the PIL backend also needs max_patches > 1)."""
+        return self.crop_to_patches and (self.max_patches > 1 or self.image_backend == "torchvision")
+
+    def grid(self, image_size: Pair) -> Pair:
+        """(rows, cols) of tiles of an (h, w) image; (1, 1) when it is not tiled."""
+        if not self.tiles_on:
+            return 1, 1
+        cols, rows = tile_grid(image_size, self.tile, self.min_patches, self.max_patches)
+        return rows, cols
+
+    def num_tiles(self, image_size: Pair) -> int:
+        """Tiles (incl. the thumbnail) of an (h, w) image: the planner's count, no pixels needed."""
+        return num_tiles(self.grid(image_size))
+
+    def image_tokens(self, image_size: Pair) -> int:
+        """Prompt tokens that replace one image: <img>, image_seq_length per tile, </img>."""
+        return self.image_seq_length * self.num_tiles(image_size) + 2
+
+
+def supported_grids(min_patches: int, max_patches: int) -> list[Pair]:
+    """(cols, rows) with min <= cols * rows <= max, stably sorted by tile count (HF's
+    get_all_supported_aspect_ratios: cols outer, rows inner, then sorted by product)."""
+    grids = [(c, r) for c in range(1, max_patches + 1) for r in range(1, max_patches + 1)
+             if min_patches <= c * r <= max_patches]
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def tile_grid(image_size: Pair, tile: Pair, min_patches: int, max_patches: int) -> Pair:
+    """(cols, rows) of the canvas whose aspect ratio is closest to an (h, w) image's. On a tie the later
+    (more tiles) grid wins while the image's area is over half the canvas's. HF's get_optimal_tiled_canvas,
+    operation for operation (float64 ratios, exact equality on ties)."""
+    h, w = image_size
+    if h < 1 or w < 1:
+        raise ImageError(f"cannot tile an empty image ({w}x{h} pixels)")
+    aspect, area = w / h, w * h
+    best, best_diff = (1, 1), float("inf")
+    for grid in supported_grids(min_patches, max_patches):
+        diff = abs(aspect - grid[0] / grid[1])
+        if diff < best_diff:
+            best, best_diff = grid, diff
+        elif diff == best_diff and area > 0.5 * tile[0] * tile[1] * grid[0] * grid[1]:
+            best = grid
+    return best
+
+
+def num_tiles(grid: Pair) -> int:
+    """rows * cols tiles, plus the thumbnail when that is more than one."""
+    n = grid[0] * grid[1]
+    return n + 1 if n > 1 else n
+
+
+def image_prompt(num_tiles: int, p: InternVLParams) -> str:
+    """The text that replaces one image placeholder: <img><IMG_CONTEXT>*(seq * tiles)</img>."""
+    if isinstance(num_tiles, bool) or not isinstance(num_tiles, (int, np.integer)) or num_tiles < 1:
+        raise ValueError(f"num_tiles must be a positive integer, got {num_tiles!r}")
+    return p.start_image_token + p.context_image_token * (p.image_seq_length * int(num_tiles)) + p.end_image_token
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels
+
+
+def preprocess_image(image: Image.Image, p: InternVLParams) -> np.ndarray:
+    """One PIL image -> pixel_values [tiles, 3, tile_h, tile_w] float32 (tiles row-major, then the
+    thumbnail), HF's pixel_values for this image."""
+    pixels = _rgb(image, p)  # [H, W, 3] uint8
+    tiles = _tiles(pixels, p) if p.tiles_on else [_whole(pixels, p)]
+    return np.stack([_normalized(t, p) for t in tiles])  # [n, 3, th, tw]
+
+
+def _tiles(pixels: np.ndarray, p: InternVLParams) -> list[np.ndarray]:
+    """[H, W, 3] -> rows * cols tiles [th, tw, 3] (+ the thumbnail), uint8. The canvas resize happens
+    whatever do_resize says (as HF's crop_image_to_patches)."""
+    (th, tw), resize = p.tile, _resizer(p.image_backend)
+    rows, cols = p.grid(pixels.shape[:2])
+    canvas = resize(pixels, (rows * th, cols * tw), p.resample)  # [rows*th, cols*tw, 3]
+    tiles = [canvas[r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(resize(pixels, p.tile, p.resample))
+    return tiles
+
+
+def _whole(pixels: np.ndarray, p: InternVLParams) -> np.ndarray:
+    """[H, W, 3] -> [th, tw, 3]: one tile, the image resized (or, with do_resize off, as given)."""
+    if p.do_resize:
+        return _resizer(p.image_backend)(pixels, p.tile, p.resample)
+    if pixels.shape[:2] != p.tile:
+        raise ImageError(f"a {pixels.shape[1]}x{pixels.shape[0]} image with do_resize and crop_to_patches off "
+                         f"must already be {p.tile[1]}x{p.tile[0]} (the vision tower's size)")
+    return pixels
+
+
+def _pil_resize(pixels: np.ndarray, size: Pair, resample: int) -> np.ndarray:
+    """[H, W, 3] uint8 -> [h, w, 3] uint8 with Pillow (HF's PIL backend; same size: a copy)."""
+    h, w = size
+    return np.asarray(Image.fromarray(pixels).resize((w, h), resample=resample))
+
+
+def _tv_resize(pixels: np.ndarray, size: Pair, resample: int) -> np.ndarray:
+    """torchvision's resize: unchanged at the same size, else torch's antialiased uint8 kernel."""
+    return pixels if pixels.shape[:2] == tuple(size) else resize_uint8_aa(pixels, size, resample)
+
+
+def _resizer(backend: str):
+    return _tv_resize if backend == "torchvision" else _pil_resize
+
+
+def _normalized(tile: np.ndarray, p: InternVLParams) -> np.ndarray:
+    """[th, tw, 3] uint8 -> [3, th, tw] float32 with the backend's arithmetic."""
+    x = tile.transpose(2, 0, 1)
+    if p.image_backend == "pil":  # float64 rescale cast to float32, float32 normalize
+        x = (x.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else x.astype(np.float32)
+        if p.do_normalize:
+            x = (x - _column(p.image_mean)) / _column(p.image_std)
+        return x
+    x = x.astype(np.float32)  # torchvision: rescale fused into mean and std
+    if p.do_normalize:
+        unscale = np.float32(1.0 / p.rescale_factor if p.do_rescale else 1.0)
+        return (x - _column(p.image_mean) * unscale) / (_column(p.image_std) * unscale)
+    return x * np.float32(p.rescale_factor) if p.do_rescale else x
+
+
+def _column(values: tuple[float, float, float]) -> np.ndarray:
+    return np.asarray(values, np.float32)[:, None, None]  # [3, 1, 1]
+
+
+def _rgb(image: Any, p: InternVLParams) -> np.ndarray:
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__} (use load_image() for paths)")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"image is empty ({image.width}x{image.height} pixels)")
+    if not p.do_convert_rgb and image.mode != "RGB":
+        raise ImageError(f"image has mode {image.mode!r} but do_convert_rgb is off; only RGB is allowed")
+    return np.asarray(to_rgb(image) if p.do_convert_rgb else image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields and HF configs
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "image_backend":
+        if value not in BACKENDS:
+            raise ValueError(f"image_backend must be one of {BACKENDS}, got {value!r}")
+        return value
+    if name.startswith("do_") or name == "crop_to_patches":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if name in ("image_mean", "image_std"):
+        is_scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
+        values = check_triple(name, (value,) * 3 if is_scalar else value)  # HF allows one value for all
+        if name == "image_std" and 0.0 in values:
+            raise ValueError(f"image_std must not contain 0, got {values}")
+        return values
+    if name == "rescale_factor":
+        return check_number(name, value)
+    if name == "resample":
+        if isinstance(value, bool) or value not in RESAMPLE_NAMES:
+            raise ValueError(f"resample must be a PIL code in {RESAMPLE_NAMES}, got {value!r}")
+        return int(value)
+    if name == "tile":
+        if (not isinstance(value, (tuple, list)) or len(value) != 2
+                or not all(_positive_int(v) for v in value)):
+            raise ValueError(f"tile must be (height, width), two positive integers, got {value!r}")
+        return int(value[0]), int(value[1])
+    if name.endswith("_token"):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        return value
+    if not _positive_int(value):  # min_patches, max_patches, image_seq_length
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
+def _image_dict(image_processor: Any) -> dict:
+    if not isinstance(image_processor, dict):
+        raise ValueError(f"image processor config must be a dict, got {type(image_processor).__name__}")
+    kind = image_processor.get("image_processor_type")
+    if kind is not None and kind not in HF_IMAGE_TYPES:
+        raise ValueError(f"image_processor_type {kind!r} is not InternVL's (GotOcr2); allowed: {HF_IMAGE_TYPES}")
+    return image_processor
+
+
+def _hf_common(d: dict) -> dict:
+    """The flags and numbers HF's dict gives; null flags are off, as in HF. crop_to_patches is not read:
+    InternVLProcessor passes true."""
+    keys = {"resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+            "do_convert_rgb", "min_patches", "max_patches"}
+    out = {k: d[k] for k in keys if k in d and d[k] is not None}
+    out.update({k: False for k in keys if k.startswith("do_") and k in d and d[k] is None})
+    return out
+
+
+def _hf_tile(size: Any) -> Pair:
+    if size is None:
+        return 384, 384
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        return size["height"], size["width"]
+    raise ValueError(f'size must be {{"height": h, "width": w}} (the tile), got {size!r}')
+
+
+def _check_model(p: InternVLParams, config: dict) -> None:
+    """The tile is the vision tower's image_size and image_seq_length is its tokens after the pixel
+    shuffle: (image_size / patch_size)^2 * downsample_ratio^2."""
+    vision = config.get("vision_config") or {}
+    image_size = _pair(vision.get("image_size", (448, 448)))
+    patch = _pair(vision.get("patch_size", (14, 14)))
+    if image_size != p.tile:
+        raise ValueError(f"image tiles are {p.tile[1]}x{p.tile[0]} but the vision tower takes "
+                         f"{image_size[1]}x{image_size[0]} (vision_config.image_size)")
+    ratio = config.get("downsample_ratio", 0.5)
+    want = int((image_size[0] // patch[0]) * (image_size[1] // patch[1]) * ratio**2)
+    if want != p.image_seq_length:
+        raise ValueError(f"processor image_seq_length={p.image_seq_length} but the model makes {want} tokens per "
+                         f"tile ((image_size / patch_size)^2 * downsample_ratio^2 = "
+                         f"{image_size[0] // patch[0]}*{image_size[1] // patch[1]}*{ratio}^2)")
+    if config.get("vision_feature_select_strategy", "default") != "default":
+        raise ValueError("vision_feature_select_strategy must be 'default' (the CLS token dropped, a square "
+                         f"map left), got {config.get('vision_feature_select_strategy')!r}")
+    if not math.isclose(1 / ratio, round(1 / ratio)):
+        raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {ratio}")
+
+
+def _pair(value: Any) -> Pair:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
