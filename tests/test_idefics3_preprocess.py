@@ -245,12 +245,37 @@ def test_image_prompt_text():
 # Patch positions: a tiny Idefics3Model's own get_image_features
 
 
-def _tiny_config(image_size=28, patch_size=7):
+def _tiny_config(image_size=28, patch_size=7, cls=Idefics3Config, image_token_id=248):
     vision = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
               "image_size": image_size, "patch_size": patch_size}
     text = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 400}
-    return Idefics3Config(vision_config=vision, text_config=text, scale_factor=2, image_token_id=248)
+    return cls(vision_config=vision, text_config=text, scale_factor=2, image_token_id=image_token_id)
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
+def test_tiny_model_takes_our_prompt_and_pixels(tiny_processors, kind):
+    """The tiny recipe (config above + tiny processor) is consistent: the model accepts our expanded prompt
+    with our pixels and masks (its placeholder count check)."""
+    from transformers import Idefics3ForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    proc = tiny_processors[kind]
+    model_cls, config_cls = {"idefics3": (Idefics3ForConditionalGeneration, Idefics3Config),
+                             "smolvlm": (SmolVLMForConditionalGeneration, SmolVLMConfig)}[kind]
+    config = _tiny_config(cls=config_cls, image_token_id=proc.tokenizer.convert_tokens_to_ids("<image>"))
+    d = proc.to_dict()
+    p = Idefics3Params.from_hf(d["image_processor"], d, config.to_dict())
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    images = [PHOTOS["chelsea"], PHOTOS["tiny"]]
+    grids = [p.grid(im.size[::-1]) for im in images]
+    ids = proc.tokenizer([_expand("x<image>y<image>", grids, p)], return_tensors="pt")
+    ours = [preprocess_image(im, p) for im in images]
+    pixels = torch.from_numpy(np.concatenate([o.pixels for o in ours]))[None]  # [1, tiles, 3, 28, 28]
+    mask = torch.from_numpy(np.concatenate([o.pixel_mask for o in ours]))[None]
+    with torch.no_grad():
+        logits = model(**ids, pixel_values=pixels, pixel_attention_mask=mask).logits
+    assert logits.shape == (1, ids["input_ids"].shape[1], 400)
 
 
 def _hf_positions(pixel_mask, image_size=28, patch_size=7):
@@ -302,6 +327,16 @@ def test_patch_positions_equal_hf(h, w, boxes):
     assert np.array_equal(patch_mask, want_mask) and ids.dtype == np.int64
     assert np.array_equal(ids, want_ids)
     assert (ids[~patch_mask.reshape(len(ids), -1)] == 0).all()
+
+
+def test_full_tiles_are_not_always_arange_in_hf():
+    """With 19 patches a side, HF's float32 buckets put some full-tile patches in their neighbour's bucket:
+    position ids of a full tile are not 0..360. Ours are HF's (so the vision graph must take them as an input,
+    not assume arange)."""
+    masks = np.ones((1, 133, 133), np.int64)  # 19 x 19 patches of 7
+    want_mask, want_ids = _hf_positions(masks, image_size=133, patch_size=7)
+    _, ids = patch_positions(masks, 7, 19)
+    assert np.array_equal(ids, want_ids) and not np.array_equal(ids[0], np.arange(19 * 19))
 
 
 def test_patch_positions_irregular_masks_equal_hf():

@@ -2,7 +2,8 @@
 
 Images: bit for bit against ``GotOcr2ImageProcessorPil`` and (image_backend "torchvision") against
 ``GotOcr2ImageProcessor`` imported with torch standing in for torchvision's few leaf functions, called with
-crop_to_patches=True as InternVLProcessor calls them (and without). Tile counts: HF's own
+crop_to_patches=True as InternVLProcessor calls them (and without); video frames against InternVLVideoProcessor
+the same way. Tile counts: HF's own
 get_optimal_tiled_canvas / get_number_of_image_patches on many sizes. Prompt text: a whole tiny
 InternVLProcessor (tiny Qwen-style tokenizer with <img>, </img>, <IMG_CONTEXT>) gives the token ids our
 expansion tokenizes to.
@@ -19,7 +20,15 @@ import pytest
 from PIL import Image
 
 from vlmdeploy.runtime.images import ImageError
-from vlmdeploy.runtime.internvl import InternVLParams, image_prompt, num_tiles, preprocess_image, tile_grid
+from vlmdeploy.runtime.internvl import (
+    InternVLParams,
+    image_prompt,
+    num_tiles,
+    preprocess_image,
+    preprocess_video,
+    tile_grid,
+    video_prompt,
+)
 
 skdata = pytest.importorskip("skimage.data")
 pytest.importorskip("transformers")
@@ -178,9 +187,9 @@ def _tv_grayscale_to_rgb(image):
 
 @pytest.fixture(scope="module")
 def hf_torchvision():
-    """transformers' GotOcr2ImageProcessor (torchvision backend), importable and runnable with a stand-in
-    torchvision whose only functions it calls here are torchvision's, over torch."""
-    from transformers import image_processing_backends
+    """transformers' GotOcr2ImageProcessor (torchvision backend) and InternVLVideoProcessor, importable and
+    runnable with a stand-in torchvision whose only functions they call here are torchvision's, over torch."""
+    from transformers import image_processing_backends, video_processing_utils
 
     functional = types.ModuleType("torchvision.transforms.v2.functional")
     functional.InterpolationMode, functional.resize = InterpolationMode, _tv_resize
@@ -190,20 +199,24 @@ def hf_torchvision():
     modules["torchvision.transforms.v2"].functional = functional
     pil_to_torch = {0: InterpolationMode.NEAREST_EXACT, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
                     3: InterpolationMode.BICUBIC, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING}
-    loaded = "transformers.models.got_ocr2.image_processing_got_ocr2"
+    loaded = ["transformers.models.got_ocr2.image_processing_got_ocr2",
+              "transformers.models.internvl.video_processing_internvl"]
     with pytest.MonkeyPatch.context() as mp:
         for n, module in modules.items():
             mp.setitem(sys.modules, n, module)
         mp.setattr(image_processing_backends, "tvF", functional, raising=False)
+        mp.setattr(video_processing_utils, "tvF", functional, raising=False)
         mp.setattr(image_processing_backends, "pil_torch_interpolation_mapping", pil_to_torch)
-        yield importlib.import_module(loaded).GotOcr2ImageProcessor
-        sys.modules.pop(loaded, None)
+        yield types.SimpleNamespace(image=importlib.import_module(loaded[0]).GotOcr2ImageProcessor,
+                                    video=importlib.import_module(loaded[1]).InternVLVideoProcessor)
+        for name in loaded:
+            sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize("name", ["chelsea", "tall", "tiny", "wide", "astronaut"])
 @pytest.mark.parametrize("config", ["tiny", "tiny-2..4-bilinear", "rect-1..6", "default"])
 def test_torchvision_backend_equals_hf_torchvision_processor(hf_torchvision, name, config):
-    hf = hf_torchvision(**CONFIGS[config])
+    hf = hf_torchvision.image(**CONFIGS[config])
     p = _params(hf, image_backend="torchvision")
     want = hf(PHOTOS[name], crop_to_patches=True, return_tensors="np")
     ours = preprocess_image(PHOTOS[name], p)
@@ -216,10 +229,40 @@ def test_torchvision_backend_equals_hf_torchvision_processor(hf_torchvision, nam
 def test_torchvision_backend_one_tile_equals_hf(hf_torchvision):
     """The torchvision class tiles even at max_patches=1 (one tile, no thumbnail) and resizes when not tiling."""
     for kw, crop in (({"max_patches": 1}, True), ({}, False)):
-        hf = hf_torchvision(**TINY, **kw)
+        hf = hf_torchvision.image(**TINY, **kw)
         p = InternVLParams.from_dict({**_params(hf, image_backend="torchvision").to_dict(), "crop_to_patches": crop})
         want = hf(PHOTOS["chelsea"], crop_to_patches=crop, return_tensors="np")["pixel_values"]
         _assert_same(preprocess_image(PHOTOS["chelsea"], p), want)
+
+
+def _clip(count, size=(50, 70)):
+    photo = PHOTOS["portrait"].resize(size[::-1])
+    return np.stack([np.asarray(photo.rotate(10 * i)) for i in range(count)])  # [F, H, W, 3] uint8
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("config", [{}, {"size": {"height": 28, "width": 28}, "resample": 2},
+                                    {"size": {"height": 28, "width": 42}, "image_mean": [0.5] * 3,
+                                     "image_std": [0.5] * 3}])
+def test_video_equals_hf_video_processor(hf_torchvision, count, config):
+    hf = hf_torchvision.video(**config)
+    p = InternVLParams.from_hf_video(hf.to_dict())
+    assert p == InternVLParams.from_hf_video(config) and not p.crop_to_patches
+    clip = _clip(count)
+    want = hf(videos=[clip], return_tensors="np")["pixel_values_videos"][0]
+    got = preprocess_video(clip, p)
+    _assert_same(got, want)
+    assert np.array_equal(preprocess_video([Image.fromarray(f) for f in clip], p), got)  # PIL frames: the same
+
+
+def test_video_errors():
+    with pytest.raises(ValueError, match="use params from InternVLParams.from_hf_video"):
+        preprocess_video(_clip(1), InternVLParams())
+    p = InternVLParams.from_hf_video({})
+    with pytest.raises(ImageError, match="a video is a uint8 array"):
+        preprocess_video(np.zeros((2, 8, 8), np.uint8), p)
+    with pytest.raises(ValueError, match="is not InternVL's"):
+        InternVLParams.from_hf_video({"video_processor_type": "Qwen2VLVideoProcessor"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +323,16 @@ def test_tiny_processor_prompt_equals_ours(tiny_processor):
     assert counts.num_image_tokens == [p.image_tokens(im.size[::-1]) for im in images]
 
 
+@pytest.mark.parametrize("frames", [1, 4])
+def test_video_prompt_equals_hf(tiny_processor, frames):
+    d = tiny_processor.to_dict()
+    p = InternVLParams.from_hf(d["image_processor"], d, special_tokens=SPECIAL_TOKENS)
+    inputs = {"pixel_values_videos": [np.zeros((frames, 3, 28, 28), np.float32)]}
+    assert tiny_processor.replace_video_token(inputs, 0) == video_prompt(frames, p)
+    assert video_prompt(2, p) == "Frame1: <img>" + "<IMG_CONTEXT>" * 4 + "</img>\nFrame2: <img>" + \
+        "<IMG_CONTEXT>" * 4 + "</img>"
+
+
 def test_image_prompt_text():
     p = InternVLParams(image_seq_length=2)
     assert image_prompt(3, p) == "<img>" + "<IMG_CONTEXT>" * 6 + "</img>"
@@ -296,7 +349,29 @@ def _tiny_internvl_config(**kw):
               "image_size": 28, "patch_size": 7}
     text = {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 300}
-    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=298, image_seq_length=4, **kw)
+    return InternVLConfig(vision_config=vision, text_config=text, **{"image_token_id": 298, "image_seq_length": 4, **kw})
+
+
+def test_tiny_model_takes_our_prompt_and_pixels(tiny_processor):
+    """The tiny recipe (config above + tiny processor) is consistent: InternVLForConditionalGeneration accepts
+    our expanded prompt with our pixels (its placeholder count check) and its get_image_features makes
+    image_seq_length tokens a tile."""
+    from transformers import InternVLForConditionalGeneration
+
+    tok = tiny_processor.tokenizer
+    config = _tiny_internvl_config(image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    d = tiny_processor.to_dict()
+    p = InternVLParams.from_hf(d["image_processor"], d, config.to_dict(), special_tokens=SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    image = PHOTOS["portrait"]
+    ids = tok([_expand("x <IMG_CONTEXT>\ny", [p.num_tiles(image.size[::-1])], p)], return_tensors="pt")
+    pixels = torch.from_numpy(preprocess_image(image, p))
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels).pooler_output
+        logits = model(**ids, pixel_values=pixels).logits
+    assert features.shape == (len(pixels), p.image_seq_length, 32)
+    assert logits.shape == (1, ids["input_ids"].shape[1], 300)
 
 
 def test_from_hf_checks_the_model_config():
