@@ -349,7 +349,8 @@ def _tiny_internvl_config(**kw):
               "image_size": 28, "patch_size": 7}
     text = {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 300}
-    return InternVLConfig(vision_config=vision, text_config=text, **{"image_token_id": 298, "image_seq_length": 4, **kw})
+    kw = {"image_token_id": 298, "image_seq_length": 4, **kw}
+    return InternVLConfig(vision_config=vision, text_config=text, **kw)
 
 
 def test_tiny_model_takes_our_prompt_and_pixels(tiny_processor):
