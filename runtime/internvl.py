@@ -12,6 +12,9 @@ Mirrors transformers 5.24:
 - ``image_prompt``      InternVLProcessor.replace_image_token: what replaces one image placeholder
                         (``<IMG_CONTEXT>`` in the text HF's chat template writes) in the prompt:
                         ``<img>`` + ``<IMG_CONTEXT>`` * (image_seq_length * tiles) + ``</img>``.
+- ``preprocess_video`` / ``video_prompt``  InternVLVideoProcessor (torchvision only: each frame squashed to one
+                        tile, no tiling) and InternVLProcessor.replace_video_token (one line per frame,
+                        ``Frame{i}: <img>...</img>``). Frame sampling (initial_shift) is not here.
 
 The model (not here: the projector graph) turns each tile's vision features into image_seq_length tokens:
 InternVLModel.get_image_features drops the CLS token, reshapes to a square map, ``InternVLModel.pixel_shuffle``
@@ -33,6 +36,7 @@ from .resize_aa import resize_uint8_aa
 Pair = tuple[int, int]
 
 HF_IMAGE_TYPES = ("GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil", "GotOcr2ImageProcessorFast")
+HF_VIDEO_TYPES = ("InternVLVideoProcessor",)
 BACKENDS = ("pil", "torchvision")
 # The tokenizer's extra_special_tokens in the InternVL -hf checkpoints (and HF's conversion script).
 START_IMAGE_TOKEN, END_IMAGE_TOKEN, CONTEXT_IMAGE_TOKEN = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -93,6 +97,22 @@ class InternVLParams:
         if model_config:
             _check_model(params, model_config)
         return params
+
+    @classmethod
+    def from_hf_video(cls, video_processor: dict, processor: dict | None = None,
+                      special_tokens: dict | None = None) -> InternVLParams:
+        """From ``video_preprocessor_config.json`` (or a 5.x processor_config.json's "video_processor"): frames
+        are one tile each (no tiling), resized and normalized as torchvision does."""
+        vp = dict(video_processor or {})
+        kind = vp.get("video_processor_type")
+        if kind is not None and kind not in HF_VIDEO_TYPES:
+            raise ValueError(f"video_processor_type {kind!r} is not InternVL's; allowed: {HF_VIDEO_TYPES}")
+        if vp.get("do_center_crop"):
+            raise ValueError("do_center_crop is on; InternVL video preprocessing here supports no center crop")
+        common = {k: v for k, v in _hf_common(vp).items() if k not in ("min_patches", "max_patches")}
+        image = cls.from_hf({"size": vp.get("size"), **common}, processor, image_backend="torchvision",
+                            special_tokens=special_tokens)
+        return cls.from_dict({**image.to_dict(), "crop_to_patches": False})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -162,6 +182,36 @@ def image_prompt(num_tiles: int, p: InternVLParams) -> str:
     if isinstance(num_tiles, bool) or not isinstance(num_tiles, (int, np.integer)) or num_tiles < 1:
         raise ValueError(f"num_tiles must be a positive integer, got {num_tiles!r}")
     return p.start_image_token + p.context_image_token * (p.image_seq_length * int(num_tiles)) + p.end_image_token
+
+
+def video_prompt(num_frames: int, p: InternVLParams) -> str:
+    """The text that replaces one ``<video>``: one line per frame, ``Frame{i}: <img>`` + image_seq_length
+    context tokens + ``</img>``, joined by newlines (no trailing one)."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+    return "\n".join(f"Frame{i + 1}: {image_prompt(1, p)}" for i in range(num_frames))
+
+
+def preprocess_video(frames: np.ndarray | list[Image.Image], p: InternVLParams) -> np.ndarray:
+    """Frames (uint8 [F, H, W, 3] or PIL images) -> pixel_values [F, 3, tile_h, tile_w] float32: each frame
+    one tile, as InternVLVideoProcessor (torchvision's resize, fused rescale+normalize). ``p`` from
+    ``InternVLParams.from_hf_video``."""
+    if p.image_backend != "torchvision" or p.crop_to_patches:
+        raise ValueError("video frames are preprocessed as torchvision does, one tile each: use params from "
+                         "InternVLParams.from_hf_video (image_backend 'torchvision', crop_to_patches off)")
+    return np.stack([_normalized(_whole(f, p), p) for f in _frames(frames, p)])  # [F, 3, th, tw]
+
+
+def _frames(frames: Any, p: InternVLParams) -> list[np.ndarray]:
+    if isinstance(frames, (list, tuple)) and frames:
+        return [_rgb(f, p) for f in frames]
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        what = f"{frames.dtype} {list(frames.shape)}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise ImageError(f"a video is a uint8 array [frames, height, width, 3] (RGB) or a non-empty list of PIL "
+                         f"images, got {what}")
+    if 0 in frames.shape:
+        raise ImageError(f"a video array has an empty dimension: {list(frames.shape)}")
+    return list(frames)
 
 
 # ---------------------------------------------------------------------------------------------
