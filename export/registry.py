@@ -10,7 +10,9 @@ from .recipes import RecipeError
 # HF architecture -> module in vlmdeploy.export (its FAMILY object)
 FAMILIES = {
     "Blip2ForConditionalGeneration": "blip2",
+    "Idefics3ForConditionalGeneration": "idefics3",
     "InternVLForConditionalGeneration": "internvl",
+    "SmolVLMForConditionalGeneration": "idefics3",
     "LlavaForConditionalGeneration": "llava",
     "LlavaNextForConditionalGeneration": "llava_next",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .recipes import TinyConfig
-from .tiny_tokenizer import (INTERNVL_CHAT_TEMPLATE, INTERNVL_NAMED, INTERNVL_SPECIALS, LLAVA_CHAT_TEMPLATE,
+from .tiny_tokenizer import (IDEFICS3_CHAT_TEMPLATE, IDEFICS3_SPECIALS, INTERNVL_CHAT_TEMPLATE, INTERNVL_NAMED, INTERNVL_SPECIALS, LLAVA_CHAT_TEMPLATE,
                              ONEVISION_CHAT_TEMPLATE, ONEVISION_SPECIALS, QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -271,6 +271,37 @@ def build_tiny_internvl(cfg: TinyConfig):
     return model, processor
 
 
+def build_tiny_idefics3(cfg: TinyConfig):
+    """Idefics3 or SmolVLM (family "smolvlm"): a SigLIP-like ViT of image_size tiles, pixel shuffle 2, Llama;
+    images split into up to 3x3 tiles (longest edge 3 x image_size) + a global tile."""
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(cfg.vocab_size, specials=IDEFICS3_SPECIALS)
+    vision = dict(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+                  num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                  initializer_range=0.1)
+    smol = cfg.family == "smolvlm"
+    config = getattr(transformers, "SmolVLMConfig" if smol else "Idefics3Config")(
+        vision_config=vision, text_config=text_config(cfg, tokenizer.pad_token_id).to_dict(), scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_SPECIALS[0]))
+    torch.manual_seed(cfg.seed)
+    model = getattr(transformers, "SmolVLMForConditionalGeneration" if smol else "Idefics3ForConditionalGeneration")(config).eval()
+    eos = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, tokenizer.pad_token_id
+    ip = {"size": {"longest_edge": 3 * cfg.image_size}, "max_image_size": {"longest_edge": cfg.image_size}}
+    seq = (cfg.image_size // cfg.patch_size) ** 2 // 4
+    if smol:
+        cls = transformers.SmolVLMProcessor
+        cls.check_argument_for_proper_class = lambda *a, **k: None  # no video processor: it needs torchvision
+        processor = cls(transformers.SmolVLMImageProcessor(**ip), tokenizer, None, image_seq_len=seq,
+                        chat_template=IDEFICS3_CHAT_TEMPLATE)
+        processor.get_attributes = lambda: ["image_processor", "tokenizer"]
+    else:
+        processor = transformers.Idefics3Processor(transformers.Idefics3ImageProcessor(**ip), tokenizer,
+                                                   image_seq_len=seq, chat_template=IDEFICS3_CHAT_TEMPLATE)
+    return model, processor
+
+
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
     import transformers
@@ -283,6 +314,8 @@ def build_tiny_model(cfg: TinyConfig):
         return build_tiny_blip2(cfg)
     if cfg.family == "internvl":
         return build_tiny_internvl(cfg)
+    if cfg.family in ("idefics3", "smolvlm"):
+        return build_tiny_idefics3(cfg)
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:

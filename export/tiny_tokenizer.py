@@ -147,6 +147,18 @@ INTERNVL_CHAT_TEMPLATE = (
 )
 
 
+# Idefics3 / SmolVLM: the tile tags and wrappers their processors write, after the model vocab.
+IDEFICS3_SPECIALS = (IMAGE, PAD, "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                     *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)))
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
 def build_tiny_tokenizer(vocab_size: int = 256, qwen: bool = False, specials: tuple[str, ...] | None = None
                          ) -> PreTrainedTokenizerFast:
     """Train the tiny tokenizer and wrap it as a transformers fast tokenizer (`TokenizersBackend`).

@@ -48,6 +48,10 @@ FAMILY_VARIANTS = {
 _QWEN = dict(text_model="qwen2", vocab_size=300, text_hidden=64, text_heads=4, text_kv_heads=2, vision_hidden=32,
              vision_heads=2, vision_layers=2)
 QWEN_VARIANTS = {
+    # Idefics3 / SmolVLM (tests/test_idefics3.py): a ViT of 28-px tiles (4x4 patches, 4 tokens after the
+    # shuffle), images split up to 3x3 + a global tile, Llama
+    "idefics3": TinyConfig(seed=26, family="idefics3", image_size=28, patch_size=7, vocab_size=400),
+    "smolvlm": TinyConfig(seed=27, family="smolvlm", image_size=28, patch_size=7, vocab_size=400),
     # InternVL (tests/test_internvl.py): InternViT 28/7 (4x4 patches + CLS), pixel shuffle -> 4 tokens a
     # tile, up to 6 tiles + a thumbnail, Qwen2
     "internvl": TinyConfig(seed=25, family="internvl", text_model="qwen2", image_size=28, patch_size=7, vocab_size=300),
