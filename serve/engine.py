@@ -107,6 +107,8 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.generated_tokens = 0
+        self.peak_running = 0  # most rows decoded together so far
+        self.cancelled = 0  # sequences dropped because their client left
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vlmdeploy-scheduler", daemon=True)
@@ -182,10 +184,13 @@ class Engine:
         self.cache.reset_if_idle(sorted(self.running))
 
     def _drop_cancelled(self) -> None:
-        self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        kept = deque(s for s in self.waiting if not s.cancelled)
+        self.cancelled += len(self.waiting) - len(kept)
+        self.waiting = kept
         for slot, seq in list(self.running.items()):
             if seq.cancelled:
                 del self.running[slot]
+                self.cancelled += 1
 
     def _take_admissible(self) -> list[Sequence]:
         """Waiting sequences for the free slots, within this iteration's prefill token budget."""
@@ -226,6 +231,7 @@ class Engine:
     def _step(self) -> None:
         """One decode step over slots [0, n); every running row gets one token."""
         active = sorted(self.running)
+        self.peak_running = max(self.peak_running, len(active))
         self.cache.make_room(active)
         n = active[-1] + 1
         ids = np.zeros((n, 1), dtype=np.int64)
