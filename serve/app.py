@@ -56,10 +56,12 @@ class ServeConfig:
     max_image_pixels: int = 16_000_000  # per image, width x height
     max_request_mb: float = 64.0  # request body
     vision_cache_mb: float = 256.0
-    prefill_tokens_per_step: int = 2048
+    prefill_chunk: int = 256  # prompt tokens per prefill call
+    prefill_tokens_per_step: int = 512  # prompt tokens prefilled between two decode steps
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_queue", "max_images", "max_image_pixels", "prefill_tokens_per_step"):
+        for name in ("max_num_seqs", "max_queue", "max_images", "max_image_pixels", "prefill_chunk",
+                     "prefill_tokens_per_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
@@ -89,7 +91,8 @@ class Server:
         try:
             vlm = VLM.load(c.directory, backend=c.backend, threads=c.threads, decoder=c.decoder)
             builder = PromptBuilder(vlm, int(c.vision_cache_mb * MB))
-            engine = Engine(vlm, c.max_num_seqs, c.max_queue, c.max_model_len, c.prefill_tokens_per_step, self.metrics)
+            engine = Engine(vlm, c.max_num_seqs, c.max_queue, c.max_model_len, c.prefill_chunk,
+                            c.prefill_tokens_per_step, self.metrics)
         except Exception as e:  # reported by /health and the CLI
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", c.directory, self.load_error)

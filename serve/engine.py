@@ -3,13 +3,15 @@
     submit(prompt embeds [S, C], sampling) --> waiting queue (at most --max-queue)
     scheduler thread, each iteration:
         drop cancelled sequences (a client hung up): their slots are free from this step on
-        admit waiting sequences into free slots: prefill each alone ([1, S, C], its own cache),
-            copy its K/V into its slot, sample its first token (at most `prefill_tokens_per_step`
-            prompt tokens per iteration, at least one sequence, so decoding rows keep moving)
+        waiting sequences take free slots and start prefilling, alone, into their own batch-1 cache
+        prefill: chunks of --prefill-chunk tokens, oldest sequence first, at most
+            --prefill-tokens-per-step per iteration (at least one chunk), so a long prompt delays
+            the running rows by one chunk per step, not by its whole prefill; a finished prefill
+            copies its K/V into the slot and samples the first token
         one decode step over slots [0, n): ids [n, 1] -> embed -> decoder -> logits [n, 1, V]
         each row: its own Sampler -> token -> `Row.push` (EOS, stop strings, detokenizer) -> event
 
-Every row's prefill runs alone, and its decode steps see only its own span of the cache (other
+Every row's prefill runs alone in fixed chunk boundaries, and its decode steps see only its own span of the cache (other
 rows and masked columns get attention weight exactly 0), so a greedy answer is the same whether the
 row ran alone or in a busy batch. Positions come from the artifact's position scheme.
 """
@@ -70,6 +72,7 @@ class Sequence:
     max_new: int
     sampler: Sampler
     slot: int | None = None
+    prefill: "Prefill | None" = None  # while its prompt is being prefilled
     next_id: int = 0  # the last sampled token: the next decode step's input
     sampled: int = 0
     cancelled: bool = False
@@ -81,6 +84,43 @@ class Sequence:
         return self.row.finish_reason is not None
 
 
+class Prefill:
+    """One sequence's prompt going through the decoder in chunks, into its own batch-1 cache.
+
+    embeds [S, C] -> chunks [1, <= chunk, C] (past = the chunks before) -> logits [1, V] of the last
+    position and K/V [1, H, S, D] per layer, which the scheduler copies into the sequence's slot."""
+
+    def __init__(self, embeds: np.ndarray, memory: HostMemory, positions_scheme):
+        self.embeds, self.memory = embeds[None], memory  # [1, S, C]
+        s = embeds.shape[0]
+        self.mask = np.ones((1, s), dtype=np.int64)
+        self.positions = positions_scheme.prefill(self.mask)  # [1, S] (or [3, 1, S])
+        self.cache = memory.cache(1, s)
+        self.filled = 0
+        self.logits: np.ndarray | None = None  # [1, V] once done
+
+    @property
+    def done(self) -> bool:
+        return self.logits is not None
+
+    def run_chunk(self, loop, chunk: int) -> int:
+        """The next chunk; returns its token count."""
+        s = self.mask.shape[1]
+        a, b = self.filled, min(self.filled + chunk, s)
+        embeds = np.ascontiguousarray(self.embeds[:, a:b])
+        positions = np.ascontiguousarray(self.positions[..., a:b])
+        logits = loop._forward(self.memory, self.cache, embeds, self.mask[:, :b], positions)  # [1, b-a or 1, V]
+        self.filled = b
+        if b == s:
+            self.logits = logits[:, -1].copy()
+        return b - a
+
+    def kv(self) -> list[np.ndarray]:
+        """2L arrays [1, H, S, D]."""
+        past, s = self.cache.past(), self.mask.shape[1]
+        return [past[name][:, :, :s] for name in self.cache.past_names]
+
+
 class EngineMetrics:
     """Hooks the engine calls; serve/metrics.py records them in Prometheus. Default: nothing."""
 
@@ -90,14 +130,14 @@ class EngineMetrics:
 
 class Engine:
     def __init__(self, vlm, max_num_seqs: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                 prefill_tokens_per_step: int = 2048, metrics: EngineMetrics | None = None):
+                 prefill_chunk: int = 256, prefill_tokens_per_step: int = 512, metrics: EngineMetrics | None = None):
         if vlm.decoder.shared_memory is not None:
             raise ValueError(f"vlmdeploy serve runs on host memory (ONNX Runtime backends); backend {vlm.backend!r} "
                              "keeps its decode loop on the GPU: use --backend ort-cpu, ort-cuda or ort-trt")
         facts = vlm.facts
         self.max_model_len = _check_len(max_model_len or facts.context_length, facts.context_length)
         self.vlm, self.facts, self.loop = vlm, facts, vlm.decoder
-        self.max_queue, self.prefill_tokens_per_step = max_queue, prefill_tokens_per_step
+        self.max_queue, self.prefill_chunk, self.prefill_tokens_per_step = max_queue, prefill_chunk, prefill_tokens_per_step
         self.metrics = metrics or EngineMetrics()
         self.cache = SlotKVCache(facts, max_num_seqs, self.max_model_len)
         self.in_place = vlm.decoder_graph == "decoder_gqa"
@@ -105,6 +145,7 @@ class Engine:
         self.positions = self.loop.positions
         self._positions: np.ndarray | None = None  # [..., N, 1]: each slot's next position
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()  # slot taken, prompt going through in chunks
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.generated_tokens = 0
         self.peak_running = 0  # most rows decoded together so far
@@ -145,7 +186,7 @@ class Engine:
 
     @property
     def slots_in_use(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.prefilling)
 
     @property
     def queue_length(self) -> int:
@@ -159,69 +200,71 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self.waiting or self.running):
+                while not (self._stopping or self.waiting or self.prefilling or self.running):
                     self._wake.wait()
                 if self._stopping:
                     return
                 self._drop_cancelled()
-                admitted = self._take_admissible()
+                self._admit_waiting()
             try:
-                self._iteration(admitted)
+                self._iteration()
             except Exception as e:  # a bug or a backend failure: fail the rows, keep serving
                 log.exception("scheduler step failed")
                 self._fail_all(f"internal error in the decode loop: {type(e).__name__}: {e}")
 
-    def _iteration(self, admitted: list[Sequence]) -> None:
-        for seq in admitted:
-            try:
-                self._admit(seq)
-            except Exception as e:
-                log.exception("prefill failed")
-                self.running.pop(seq.slot, None)
-                seq.emit(Event(error=f"prefill failed: {type(e).__name__}: {e}"))
+    def _iteration(self) -> None:
+        """Prefill chunks within the budget, then one decode step for the running rows."""
+        self._prefill_chunks()
         if self.running:
             self._step()
         self.cache.reset_if_idle(sorted(self.running))
 
     def _drop_cancelled(self) -> None:
-        kept = deque(s for s in self.waiting if not s.cancelled)
-        self.cancelled += len(self.waiting) - len(kept)
-        self.waiting = kept
+        for name in ("waiting", "prefilling"):
+            queue = getattr(self, name)
+            kept = deque(s for s in queue if not s.cancelled)
+            self.cancelled += len(queue) - len(kept)
+            setattr(self, name, kept)
         for slot, seq in list(self.running.items()):
             if seq.cancelled:
                 del self.running[slot]
                 self.cancelled += 1
 
-    def _take_admissible(self) -> list[Sequence]:
-        """Waiting sequences for the free slots, within this iteration's prefill token budget."""
-        free = self.cache.slots - len(self.running)
-        taken, budget = [], self.prefill_tokens_per_step
-        while self.waiting and len(taken) < free and (not taken or budget >= self.waiting[0].prompt.prompt_tokens):
+    def _admit_waiting(self) -> None:
+        """Waiting sequences take the free slots (lowest first) and start prefilling."""
+        taken = set(self.running) | {s.slot for s in self.prefilling}
+        free = sorted(set(range(self.cache.slots)) - taken)
+        while self.waiting and free:
             seq = self.waiting.popleft()
-            budget -= seq.prompt.prompt_tokens
-            taken.append(seq)
-        return taken
+            seq.slot = free.pop(0)
+            seq.prefill = Prefill(seq.prompt.embeds, self.memory, self.positions)
+            self.prefilling.append(seq)
 
-    def _admit(self, seq: Sequence) -> None:
-        """Prefill alone, copy the K/V into the lowest free slot, sample the first token."""
-        logits, kv, first_positions = self._prefill(seq.prompt.embeds)
-        seq.slot = min(set(range(self.cache.slots)) - set(self.running))
-        self.cache.place(seq.slot, kv, sorted(self.running))
-        self._set_positions(seq.slot, first_positions)
+    def _prefill_chunks(self) -> None:
+        """Chunks of the prefilling sequences, oldest first, until this step's token budget is spent
+        (at least one chunk). A sequence's chunk boundaries never depend on the others."""
+        budget = self.prefill_tokens_per_step
+        while self.prefilling and budget > 0:
+            seq = self.prefilling[0]
+            try:
+                budget -= seq.prefill.run_chunk(self.loop, self.prefill_chunk)
+                if seq.prefill.done:
+                    self.prefilling.popleft()
+                    self._start_decoding(seq)
+            except Exception as e:
+                log.exception("prefill failed")
+                self.prefilling.popleft()
+                self.running.pop(seq.slot, None)
+                seq.emit(Event(error=f"prefill failed: {type(e).__name__}: {e}"))
+
+    def _start_decoding(self, seq: Sequence) -> None:
+        """Copy the prefilled K/V into the sequence's slot, sample its first token."""
+        self.cache.place(seq.slot, seq.prefill.kv(), sorted(self.running))
+        self._set_positions(seq.slot, self.positions.first_step(seq.prefill.positions))
+        logits, seq.prefill = seq.prefill.logits, None
         self.running[seq.slot] = seq
         self._accept(seq, logits)
         self.metrics.first_token(seq, seq.t_last - seq.t_submit)
-
-    def _prefill(self, embeds: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """embeds [S, C] -> (logits [1, V], 2L K/V arrays [1, H, S, D], first-step positions [..., 1, 1])."""
-        s = embeds.shape[0]
-        mask = np.ones((1, s), dtype=np.int64)
-        cache = self.memory.cache(1, s)
-        positions = self.positions.prefill(mask)  # [1, S] (or [3, 1, S])
-        logits = self.loop._forward(self.memory, cache, embeds[None], mask, positions)  # [1, S or 1, V]
-        past = cache.past()
-        kv = [past[name][:, :, :s] for name in cache.past_names]
-        return logits[:, -1], kv, self.positions.first_step(positions)
 
     def _set_positions(self, slot: int, first: np.ndarray) -> None:
         if self._positions is None:
@@ -266,9 +309,10 @@ class Engine:
                        completion_tokens=seq.sampled))
 
     def _fail_all(self, message: str) -> None:
-        for seq in self.running.values():
+        for seq in [*self.running.values(), *self.prefilling]:
             seq.emit(Event(error=message))
         self.running.clear()
+        self.prefilling.clear()
         self.cache.reset_if_idle([])
 
 
