@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ class ServeConfig:
     max_request_mb: float = 64.0  # request body
     vision_cache_mb: float = 256.0
     prefill_chunk: int = 256  # prompt tokens per prefill call
-    prefill_tokens_per_step: int = 512  # prompt tokens prefilled between two decode steps
+    prefill_tokens_per_step: int = 256  # prompt tokens prefilled between two decode steps
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_queue", "max_images", "max_image_pixels", "prefill_chunk",
@@ -152,16 +153,18 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()
         req = _checked(server, await _json_body(request, config), ChatRequest)
         engine = server.ready()
         params = _sampling(req, req.requested_max(), engine)
         messages = runtime_messages(req.messages, int(config.max_image_mb * MB))
         _check_images(messages, config)
         prompt = await _prepare(server.builder.chat, messages)
-        return await _respond(request, engine, Reply("chat", config.served_name), prompt, params, req)
+        return await _respond(request, engine, Reply("chat", config.served_name), prompt, params, req, arrived)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrived = time.perf_counter()
         req = _checked(server, await _json_body(request, config), CompletionRequest)
         engine = server.ready()
         params = _sampling(req, req.max_tokens or 16, engine)  # OpenAI's default for completions: 16
@@ -170,7 +173,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from None
         prompt = await _prepare(server.builder.raw, text)
-        return await _respond(request, engine, Reply("text", config.served_name), prompt, params, req)
+        return await _respond(request, engine, Reply("text", config.served_name), prompt, params, req, arrived)
 
 
 # ---- request checks --------------------------------------------------------------------------------
@@ -248,7 +251,8 @@ async def _prepare(build, *args) -> PreparedPrompt:
 # ---- responses -------------------------------------------------------------------------------------
 
 
-async def _respond(request: Request, engine: Engine, reply: Reply, prompt: PreparedPrompt, params, req):
+async def _respond(request: Request, engine: Engine, reply: Reply, prompt: PreparedPrompt, params, req,
+                   arrived: float):
     events: asyncio.Queue[Event] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -259,7 +263,7 @@ async def _respond(request: Request, engine: Engine, reply: Reply, prompt: Prepa
             pass
 
     try:
-        seq = engine.submit(prompt, params, emit)
+        seq = engine.submit(prompt, params, emit, arrived)
     except QueueFull as e:
         raise APIError(429, str(e), code="queue_full") from None
     except ValueError as e:

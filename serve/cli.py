@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-mb", type=float, default=64.0, help="request body size")
     p.add_argument("--vision-cache-mb", type=float, default=256.0, help="encoder outputs kept by image hash (0: off)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call (chunked prefill)")
-    p.add_argument("--prefill-tokens-per-step", type=int, default=512,
+    p.add_argument("--prefill-tokens-per-step", type=int, default=256,
                    help="prompt tokens prefilled between two decode steps (at least one chunk)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 

@@ -130,7 +130,7 @@ class EngineMetrics:
 
 class Engine:
     def __init__(self, vlm, max_num_seqs: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                 prefill_chunk: int = 256, prefill_tokens_per_step: int = 512, metrics: EngineMetrics | None = None):
+                 prefill_chunk: int = 256, prefill_tokens_per_step: int = 256, metrics: EngineMetrics | None = None):
         if vlm.decoder.shared_memory is not None:
             raise ValueError(f"vlmdeploy serve runs on host memory (ONNX Runtime backends); backend {vlm.backend!r} "
                              "keeps its decode loop on the GPU: use --backend ort-cpu, ort-cuda or ort-trt")
@@ -157,13 +157,16 @@ class Engine:
 
     # ---- called from request threads ----------------------------------------------------------
 
-    def submit(self, prompt: PreparedPrompt, params: SamplingParams, emit: Callable[[Event], None]) -> Sequence:
-        """Queue a request; `emit` is called from the scheduler thread with each Event."""
+    def submit(self, prompt: PreparedPrompt, params: SamplingParams, emit: Callable[[Event], None],
+               arrived: float | None = None) -> Sequence:
+        """Queue a request; `emit` is called from the scheduler thread with each Event. `arrived`
+        (time.perf_counter) starts its time to first token; default: now."""
         if prompt.prompt_tokens >= self.max_model_len:
             raise ValueError(f"prompt is {prompt.prompt_tokens} tokens but --max-model-len is {self.max_model_len}; "
                              f"at most {self.max_model_len - 1} prompt tokens leave room for one new token")
         seq = Sequence(prompt, params, emit, self._row(prompt, params),
                        min(params.max_new_tokens, self.max_model_len - prompt.prompt_tokens), Sampler(params))
+        seq.t_submit = arrived if arrived is not None else seq.t_submit
         with self._wake:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues "

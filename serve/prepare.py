@@ -7,6 +7,7 @@ tokenize, embed, scatter), except that each image's embeds come from `VisionCach
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 
@@ -22,6 +23,9 @@ class PromptBuilder:
     def __init__(self, vlm, vision_cache_bytes: int):
         self.vlm = vlm
         self.cache = VisionCache(vision_cache_bytes, preprocessing_fingerprint(vlm.facts, vlm.manifest.preprocess))
+        # one vision run at a time: each already uses every ONNX Runtime thread, so parallel runs only
+        # oversubscribe the cores and slow the decode steps running beside them
+        self._vision_turn = threading.Lock()
 
     def chat(self, messages: list[dict]) -> PreparedPrompt:
         """vLLM-style messages (images as {"type": "image", "image": bytes}) through the chat template."""
@@ -46,7 +50,8 @@ class PromptBuilder:
         found = [self.cache.get(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         items = [self.vlm.family.prepare(load_image(images[i])) for i in missing]
-        embeds = self.vlm.family.embed_media(items, self.vlm._run_graph)  # [num_tokens_i, C]
+        with self._vision_turn:
+            embeds = self.vlm.family.embed_media(items, self.vlm._run_graph)  # [num_tokens_i, C]
         for i, item, e in zip(missing, items, embeds):
             found[i] = CachedMedia(dataclasses.replace(item, pixels=np.empty((0,), np.float32)), e)
             self.cache.put(keys[i], found[i])
