@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import Engine, Event, PreparedPrompt, QueueFull
 from .metrics import ServerMetrics
 from .prepare import PromptBuilder
-from .protocol import APIError, ChatRequest, CompletionRequest, Reply, runtime_messages
+from .media import ImageFetcher
+from .protocol import APIError, ChatRequest, CompletionRequest, Reply, image_urls, runtime_messages
 
 log = logging.getLogger("vlmdeploy.serve")
 MB = 1 << 20
@@ -57,6 +58,9 @@ class ServeConfig:
     max_image_pixels: int = 16_000_000  # per image, width x height
     max_request_mb: float = 64.0  # request body
     vision_cache_mb: float = 256.0
+    allow_remote_images: bool = False  # fetch http(s) image URLs
+    allowed_local_media_path: str | None = None  # read image paths under this directory
+    image_fetch_timeout: float = 10.0  # seconds per remote image
     prefill_chunk: int = 256  # prompt tokens per prefill call
     prefill_tokens_per_step: int = 256  # prompt tokens prefilled between two decode steps
 
@@ -66,9 +70,15 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
-        for name in ("max_image_mb", "max_request_mb"):
+        for name in ("max_image_mb", "max_request_mb", "image_fetch_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)!r}")
+
+    def image_fetcher(self) -> ImageFetcher:
+        root = Path(self.allowed_local_media_path) if self.allowed_local_media_path else None
+        if root is not None and not root.is_dir():
+            raise ValueError(f"--allowed-local-media-path {self.allowed_local_media_path!r} is not a directory")
+        return ImageFetcher(int(self.max_image_mb * MB), self.allow_remote_images, root, self.image_fetch_timeout)
 
     @property
     def served_name(self) -> str:
@@ -84,6 +94,7 @@ class Server:
         self.engine: Engine | None = None
         self.builder: PromptBuilder | None = None
         self.load_error: str | None = None
+        self.fetcher = config.image_fetcher()
 
     def load(self) -> None:
         from vlmdeploy.runtime.vlm import VLM
@@ -103,6 +114,12 @@ class Server:
         self.metrics.watch(engine, builder.cache)
         self.builder, self.engine = builder, engine
         log.info("serving %s as %r (%s, %s)", c.directory, c.served_name, vlm.backend, vlm.decoder_graph)
+
+    def chat_prompt(self, messages) -> PreparedPrompt:
+        """OpenAI messages -> prompt embeds (in a worker thread: image fetches, decoding, vision graphs)."""
+        runtime = runtime_messages(messages, self.fetcher.fetch)
+        _check_pixels(runtime, self.config.max_image_pixels)
+        return self.builder.chat(runtime)
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -157,9 +174,10 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         req = _checked(server, await _json_body(request, config), ChatRequest)
         engine = server.ready()
         params = _sampling(req, req.requested_max(), engine)
-        messages = runtime_messages(req.messages, int(config.max_image_mb * MB))
-        _check_images(messages, config)
-        prompt = await _prepare(server.builder.chat, messages)
+        if len(image_urls(req.messages)) > config.max_images:
+            raise APIError(400, f"the request has {len(image_urls(req.messages))} images; this server allows at most "
+                                f"{config.max_images} per request (--max-images)", "messages", "too_many_images")
+        prompt = await _prepare(server.chat_prompt, req.messages)
         return await _respond(request, engine, Reply("chat", config.served_name), prompt, params, req, arrived)
 
     @app.post("/v1/completions")
@@ -225,23 +243,20 @@ def _sampling(req, max_tokens: int | None, engine: Engine):
         raise APIError(400, str(e)) from None
 
 
-def _check_images(messages: list[dict], config: ServeConfig) -> None:
-    images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
-    if len(images) > config.max_images:
-        raise APIError(400, f"the request has {len(images)} images; this server allows at most {config.max_images} "
-                            "per request (--max-images)", "messages", "too_many_images")
-    for data in images:
+def _check_pixels(messages: list[dict], max_pixels: int) -> None:
+    for data in (p["image"] for m in messages for p in m["content"] if p["type"] == "image"):
         try:
             w, h = Image.open(io.BytesIO(data)).size  # reads the header only
         except Exception:
             continue  # not an image: the runtime's loader names the problem
-        if w * h > config.max_image_pixels:
+        if w * h > max_pixels:
             raise APIError(413, f"an image is {w}x{h} = {w * h:,} pixels, over this server's limit of "
-                                f"{config.max_image_pixels:,} (--max-image-pixels)", "messages", "image_too_large")
+                                f"{max_pixels:,} (--max-image-pixels)", "messages", "image_too_large")
 
 
 async def _prepare(build, *args) -> PreparedPrompt:
-    """Prompt embeds in a worker thread; the runtime's ValueErrors (PromptError, ImageError) become 400."""
+    """Prompt embeds in a worker thread; the runtime's ValueErrors (PromptError, ImageError) become 400
+    (APIErrors raised there pass through)."""
     try:
         return await run_in_threadpool(build, *args)
     except ValueError as e:

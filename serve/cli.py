@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-mb", type=float, default=16.0, help="bytes per image (decoded from its data: URL)")
     p.add_argument("--max-image-pixels", type=int, default=16_000_000, help="width x height per image")
     p.add_argument("--max-request-mb", type=float, default=64.0, help="request body size")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused)")
+    p.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds per remote image")
+    p.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="read image paths / file:// URLs inside DIR (default: refused)")
     p.add_argument("--vision-cache-mb", type=float, default=256.0, help="encoder outputs kept by image hash (0: off)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call (chunked prefill)")
     p.add_argument("--prefill-tokens-per-step", type=int, default=256,
@@ -37,6 +41,8 @@ def config_from_args(args):
         model_name=args.served_model_name, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
         max_model_len=args.max_model_len, max_images=args.max_images, max_image_mb=args.max_image_mb,
         max_image_pixels=args.max_image_pixels, max_request_mb=args.max_request_mb,
+        allow_remote_images=args.allow_remote_images, image_fetch_timeout=args.image_fetch_timeout,
+        allowed_local_media_path=args.allowed_local_media_path,
         vision_cache_mb=args.vision_cache_mb, prefill_chunk=args.prefill_chunk,
         prefill_tokens_per_step=args.prefill_tokens_per_step,
     )

@@ -7,11 +7,9 @@ answer (`user`, `metadata`, ...) are ignored.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 import uuid
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -138,43 +136,29 @@ class CompletionRequest(_Sampling):
 # ---- images in messages ---------------------------------------------------------------------------
 
 
-def image_bytes(url: str, max_bytes: int) -> bytes:
-    """A `data:image/...;base64,` URL -> its bytes. APIError 400 for any other URL, 413 when too large."""
-    if not url.startswith("data:"):
-        scheme = url.split(":", 1)[0] if ":" in url else "a local path"
-        raise APIError(400, f"image_url must be a data: URL (data:image/png;base64,...); {scheme} URLs are refused "
-                            "by this server (it fetches nothing)", "messages", "image_url_not_allowed")
-    header, _, payload = url.partition(",")
-    media_type = header[5:].split(";")[0].lower()
-    if not media_type.startswith("image/") or not header.endswith(";base64"):
-        raise APIError(400, f"image_url must be a base64 data URL of an image (data:image/...;base64,...), "
-                            f"got {header[:60]!r}", "messages", "invalid_image_url")
-    if len(payload) * 3 // 4 > max_bytes:
-        raise APIError(413, f"an image is about {len(payload) * 3 // 4:,} bytes, over this server's limit of "
-                            f"{max_bytes:,} bytes per image (--max-image-mb)", "messages", "image_too_large")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise APIError(400, f"image_url's base64 payload does not decode ({e})", "messages", "invalid_image_url") from None
-
-
-def runtime_messages(messages: list[Message], max_bytes: int) -> list[dict]:
-    """OpenAI messages -> the runtime's (text parts as they are, images as {"type": "image", "image": bytes})."""
+def runtime_messages(messages: list[Message], fetch: Callable[[str], bytes]) -> list[dict]:
+    """OpenAI messages -> the runtime's (text parts as they are, images as {"type": "image", "image": bytes});
+    `fetch`: an image URL -> its bytes (serve/media.py)."""
     out = []
     for m in messages:
         parts = [] if m.content is None else [ContentPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
-        out.append({"role": m.role, "content": [_runtime_part(p, max_bytes) for p in parts]})
+        out.append({"role": m.role, "content": [_runtime_part(p, fetch) for p in parts]})
     return out
 
 
-def _runtime_part(part: ContentPart, max_bytes: int) -> dict:
+def image_urls(messages: list[Message]) -> list[str]:
+    return [p.image_url.url for m in messages if isinstance(m.content, list) for p in m.content
+            if p.type == "image_url" and p.image_url is not None]
+
+
+def _runtime_part(part: ContentPart, fetch: Callable[[str], bytes]) -> dict:
     if part.type == "text":
         if part.text is None:
             raise APIError(400, "a text content part needs 'text'", "messages")
         return {"type": "text", "text": part.text}
     if part.image_url is None:
         raise APIError(400, "an image_url content part needs 'image_url': {'url': 'data:image/...;base64,...'}", "messages")
-    return {"type": "image", "image": image_bytes(part.image_url.url, max_bytes)}
+    return {"type": "image", "image": fetch(part.image_url.url)}
 
 
 # ---- responses ------------------------------------------------------------------------------------

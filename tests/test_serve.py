@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import http.client
+import http.server
 import io
 import json
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -262,8 +264,12 @@ BAD_REQUESTS = {
     "no messages": (_chat(messages=[]) | {"messages": []}, 400, "messages: List should have at least 1 item"),
     "a message without a role": (_chat([{"content": "hi"}]), 400, "messages.0.role: Field required"),
     "a string as max_tokens": (_chat(max_tokens="many"), 400, "max_tokens: Input should be a valid integer"),
-    "a remote image URL": (_chat(_image_message("https://example.com/cat.png")), 400, "https URLs are refused"),
-    "a local path": (_chat(_image_message("/etc/passwd")), 400, "a local path URLs are refused"),
+    "a remote image URL": (_chat(_image_message("https://example.com/cat.png")), 400,
+                           "http(s) URLs are refused unless the server runs with --allow-remote-images"),
+    "a local path": (_chat(_image_message("/etc/passwd")), 400,
+                     "local paths are refused unless the server runs with --allowed-local-media-path DIR"),
+    "a file: URL": (_chat(_image_message("file:///etc/passwd")), 400, "local paths are refused"),
+    "an ftp URL": (_chat(_image_message("ftp://example.com/cat.png")), 400, "scheme 'ftp' is not supported"),
     "a data: URL that is not an image": (_chat(_image_message("data:text/plain;base64,aGVsbG8=")), 400,
                                          "must be a base64 data URL of an image"),
     "an image/png that is not one": (_chat(_image_message("data:image/png;base64,aGVsbG8=")), 400, "is not a readable image"),
@@ -324,6 +330,79 @@ def test_503_until_loaded_and_when_loading_failed(tmp_path):
     with pytest.raises(APIError, match=r"failed to load \(.*missing") as e:
         server.ready()
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "model_not_ready"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image URLs other than data: (off by default; tested above), when the flags allow them
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    images: dict = {}
+
+    def do_GET(self):
+        if self.path == "/slow.png":
+            time.sleep(1.0)
+        data = self.images.get(self.path)
+        if self.path == "/elsewhere":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/q.png")
+            self.end_headers()
+            return
+        try:
+            self.send_response(200 if data else 404)
+            self.end_headers()
+            self.wfile.write(data or b"")
+        except BrokenPipeError:  # the fetcher gave up (the timeout case)
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    _ImageHandler.images = {"/q.png": _png(QUESTIONS[0][0]), "/big.png": b"x" * 300_000, "/slow.png": b""}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_image_urls_fetched_when_the_flags_allow(image_host, tmp_path):
+    from vlmdeploy.serve.media import ImageFetcher
+
+    (tmp_path / "q.png").write_bytes(_png(QUESTIONS[0][0]))
+    (tmp_path / "sub").mkdir()
+    fetch = ImageFetcher(max_bytes=262_144, allow_remote=True, local_root=tmp_path, timeout_s=0.3).fetch
+    expected = _png(QUESTIONS[0][0])
+    assert fetch(f"{image_host}/q.png") == fetch(str(tmp_path / "q.png")) == fetch(f"file://{tmp_path}/q.png") == expected
+    assert fetch("q.png") == fetch("sub/../q.png") == expected  # relative to the allowed directory
+    refusals = {
+        f"{image_host}/missing.png": (400, "failed: HTTP 404"),
+        f"{image_host}/big.png": (413, "over this server's limit of 262,144 bytes"),
+        f"{image_host}/slow.png": (400, "timeout 0.3 s, --image-fetch-timeout"),
+        f"{image_host}/elsewhere": (400, "redirect to a non-http(s) URL refused"),
+        "/etc/passwd": (400, "is outside the allowed directory"),
+        "../q.png": (400, "is outside the allowed directory"),
+        "sub": (400, "is not a regular file"),
+        "nothing.png": (400, "cannot be read"),
+    }
+    for url, (status, message) in refusals.items():
+        with pytest.raises(APIError, match=re.escape(message)) as e:
+            fetch(url)
+        assert e.value.status == status, url
+
+
+def test_a_remote_image_answers_as_a_data_url(shapes_dir, image_host, server):
+    allowed = RunningServer(ServeConfig(str(shapes_dir), model_name=MODEL, allow_remote_images=True))
+    try:
+        image, question, _ = QUESTIONS[0]
+        messages = [{"role": "user", "content": [{"type": "text", "text": question},
+                                                 {"type": "image_url", "image_url": {"url": f"{image_host}/q.png"}}]}]
+        remote = allowed.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32)
+        assert remote.choices[0].message.content == ask(server.client, image, question).choices[0].message.content
+    finally:
+        allowed.stop()
 
 
 # ---------------------------------------------------------------------------------------------
