@@ -174,9 +174,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         req = _checked(server, await _json_body(request, config), ChatRequest)
         engine = server.ready()
         params = _sampling(req, req.requested_max(), engine)
-        if len(image_urls(req.messages)) > config.max_images:
-            raise APIError(400, f"the request has {len(image_urls(req.messages))} images; this server allows at most "
-                                f"{config.max_images} per request (--max-images)", "messages", "too_many_images")
+        _check_image_count(req, config.max_images)
         prompt = await _prepare(server.chat_prompt, req.messages)
         return await _respond(request, engine, Reply("chat", config.served_name), prompt, params, req, arrived)
 
@@ -185,7 +183,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         arrived = time.perf_counter()
         req = _checked(server, await _json_body(request, config), CompletionRequest)
         engine = server.ready()
-        params = _sampling(req, req.max_tokens or 16, engine)  # OpenAI's default for completions: 16
+        params = _sampling(req, 16 if req.max_tokens is None else req.max_tokens, engine)  # OpenAI's default: 16
         try:
             text = req.text()
         except ValueError as e:
@@ -241,6 +239,13 @@ def _sampling(req, max_tokens: int | None, engine: Engine):
         return req.sampling(max_tokens, engine.max_model_len)
     except ValueError as e:
         raise APIError(400, str(e)) from None
+
+
+def _check_image_count(req: ChatRequest, max_images: int) -> None:
+    count = len(image_urls(req.messages))
+    if count > max_images:
+        raise APIError(400, f"the request has {count} images; this server allows at most {max_images} per request "
+                            "(--max-images)", "messages", "too_many_images")
 
 
 def _check_pixels(messages: list[dict], max_pixels: int) -> None:

@@ -129,6 +129,8 @@ class EngineMetrics:
 
 
 class Engine:
+    """The scheduler: `submit` from any thread; a background thread prefills and decodes."""
+
     def __init__(self, vlm, max_num_seqs: int = 8, max_queue: int = 64, max_model_len: int | None = None,
                  prefill_chunk: int = 256, prefill_tokens_per_step: int = 256, metrics: EngineMetrics | None = None):
         if vlm.decoder.shared_memory is not None:
@@ -147,7 +149,6 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()  # slot taken, prompt going through in chunks
         self.running: dict[int, Sequence] = {}  # slot -> sequence
-        self.generated_tokens = 0
         self.peak_running = 0  # most rows decoded together so far
         self.cancelled = 0  # sequences dropped because their client left
         self._wake = threading.Condition()
@@ -298,7 +299,6 @@ class Engine:
         if seq.sampled:
             self.metrics.next_token(now - seq.t_last)
         seq.sampled, seq.next_id, seq.t_last = seq.sampled + 1, token, now
-        self.generated_tokens += 1
         eos = set() if seq.params.ignore_eos else set(self.facts.eos_token_ids)
         text = seq.row.push(token, eos)
         if not seq.done and seq.sampled >= seq.max_new:

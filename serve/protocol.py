@@ -100,7 +100,8 @@ class _Sampling(_Body):
         given = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=self.stop)
         kwargs = {k: v for k, v in given.items() if v is not None}
         kwargs.setdefault("temperature", 1.0)  # OpenAI's default
-        return SamplingParams.from_kwargs(dict(kwargs, max_new_tokens=max_tokens or default_max, ignore_eos=self.ignore_eos))
+        max_new = default_max if max_tokens is None else max_tokens
+        return SamplingParams.from_kwargs(dict(kwargs, max_new_tokens=max_new, ignore_eos=self.ignore_eos))
 
     @property
     def include_usage(self) -> bool:

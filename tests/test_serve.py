@@ -217,10 +217,13 @@ def _metric(server, name: str) -> float:
     return float(line.split(" ")[1])
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch):
+    engine = server.engine
+    gate, step = threading.Event(), engine._step
+    monkeypatch.setattr(engine, "_step", lambda: (gate.wait(30), step()))  # no decode step until the clients left
     body = {"model": MODEL, "messages": question_messages(shapes.example("heldout", 1).image, "Describe the picture."),
             "temperature": 0, "max_tokens": 70, "ignore_eos": True, "stream": True}
-    cancelled, conns = server.engine.cancelled, []
+    cancelled, conns = engine.cancelled, []
     for _ in range(3):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -230,8 +233,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     for conn, r in conns:
         r.close()
         conn.close()
-    wait_until(lambda: server.engine.slots_in_use == 0 and server.engine.queue_length == 0, "the slots to be freed")
-    assert server.engine.cancelled == cancelled + 3  # dropped, not run to their 70 tokens
+    def cancelled_in_server() -> int:
+        try:
+            return sum(s.cancelled for s in [*engine.waiting, *engine.prefilling, *engine.running.values()])
+        except RuntimeError:  # changed (by the scheduler thread) while read
+            return -1
+
+    wait_until(lambda: cancelled_in_server() == 3, "the server to notice the hang-ups")
+    gate.set()
+    wait_until(lambda: engine.slots_in_use == 0 and engine.queue_length == 0, "the slots to be freed")
+    assert engine.cancelled == cancelled + 3  # dropped at a step boundary, not run to their 70 tokens
     assert ask(server.client, *QUESTIONS[0][:2]).choices[0].finish_reason == "stop"  # still serving
 
 
@@ -284,6 +295,7 @@ BAD_REQUESTS = {
                                   "--max-model-len is 96"),
     "image placeholders typed by hand": (_chat([{"role": "user", "content": "<image> <image>"}]), 400, "image"),
     "a completion with two prompts": ({"model": MODEL, "prompt": ["a", "b"]}, 400, "a list of 2"),
+    "a completion with max_tokens 0": ({"model": MODEL, "prompt": "a", "max_tokens": 0}, 400, "max_tokens must be an int >= 1"),
 }
 
 
