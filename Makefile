@@ -21,7 +21,7 @@ $(PY):
 
 # Runtime + exporter + test tools, at the versions in constraints.txt (CPU torch).
 setup: $(PY)
-	$(PIP) install -q -c constraints.txt -e '.[export,test,serve]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,serve,ray]'
 
 # The torch-free runtime only.
 setup-runtime: $(PY)

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call (chunked prefill)")
     p.add_argument("--prefill-tokens-per-step", type=int, default=256,
                    help="prompt tokens prefilled between two decode steps (at least one chunk)")
+    p.add_argument("--ray", action="store_true", help="serve with Ray Serve on a local Ray instance (vlmdeploy[ray])")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the server, each with its own model")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -57,6 +59,8 @@ def serve_command(args) -> int:
         print(f"vlmdeploy serve: error: the server needs the serve extra ({e.name} is missing); "
               "install it with: pip install 'vlmdeploy[serve]'", file=sys.stderr)
         return 2
+    if args.ray:
+        return _serve_on_ray(args)
     failed: list[str] = []
     servers: list = []
 
@@ -70,4 +74,15 @@ def serve_command(args) -> int:
     if failed:
         print(f"vlmdeploy serve: error: cannot serve {args.dir}: {failed[0]}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _serve_on_ray(args) -> int:
+    try:
+        from .ray import run_on_ray
+    except ImportError as e:
+        print(f"vlmdeploy serve --ray: error: Ray Serve is not installed ({e.name} is missing); "
+              "install it with: pip install 'vlmdeploy[ray]'", file=sys.stderr)
+        return 2
+    run_on_ray(config_from_args(args), args.replicas, args.host, args.port)
     return 0

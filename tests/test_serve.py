@@ -42,14 +42,7 @@ LIMITS = dict(max_images=2, max_image_pixels=200_000, max_image_mb=0.25, max_mod
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures: the shapes artifact (exported once), a server in a thread on a free loopback port
-
-
-@pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve-shapes") / "artifact"
-    assert main(["export", "--model", "shapes", "--out", str(out)]) == 0
-    return out
+# Fixtures: a server in a thread on a free loopback port (the shapes artifact: conftest.py)
 
 
 @pytest.fixture(scope="session")
