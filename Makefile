@@ -43,6 +43,10 @@ SERVE_FLAGS ?=
 serve: $(OUT)/manifest.json
 	$(VENV)/bin/vlmdeploy serve $(OUT) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
+# Load test of the server on $(OUT): 1/4/8/16 clients + a disconnect storm (docs/SERVING.md "Measured")
+bench-serve: $(OUT)/manifest.json
+	$(PY) scripts/bench_serve.py $(OUT) $(BENCH_SERVE_FLAGS)
+
 # Set up, export the default model, check it, and ask it about a picture. The shapes model gets a
 # fresh picture drawn now (question, answer and truth printed); other models a photo.
 demo: export

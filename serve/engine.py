@@ -48,6 +48,7 @@ class PreparedPrompt:
     embeds: np.ndarray  # [S, C]: token embeddings with the image features scattered in
     prompt_tokens: int
     images: int = 0
+    positions: np.ndarray | None = None  # [..., 1, S] from the family (M-RoPE); None: the position scheme's
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,12 @@ class Prefill:
     embeds [S, C] -> chunks [1, <= chunk, C] (past = the chunks before) -> logits [1, V] of the last
     position and K/V [1, H, S, D] per layer, which the scheduler copies into the sequence's slot."""
 
-    def __init__(self, embeds: np.ndarray, memory: HostMemory, positions_scheme):
-        self.embeds, self.memory = embeds[None], memory  # [1, S, C]
-        s = embeds.shape[0]
+    def __init__(self, prompt: PreparedPrompt, memory: HostMemory, positions_scheme):
+        self.embeds, self.memory = prompt.embeds[None], memory  # [1, S, C]
+        s = prompt.embeds.shape[0]
         self.mask = np.ones((1, s), dtype=np.int64)
-        self.positions = positions_scheme.prefill(self.mask)  # [1, S] (or [3, 1, S])
+        given = prompt.positions
+        self.positions = positions_scheme.prefill(self.mask) if given is None else given  # [1, S] or [3, 1, S]
         self.cache = memory.cache(1, s)
         self.filled = 0
         self.logits: np.ndarray | None = None  # [1, V] once done
@@ -241,7 +243,7 @@ class Engine:
         while self.waiting and free:
             seq = self.waiting.popleft()
             seq.slot = free.pop(0)
-            seq.prefill = Prefill(seq.prompt.embeds, self.memory, self.positions)
+            seq.prefill = Prefill(seq.prompt, self.memory, self.positions)
             self.prefilling.append(seq)
 
     def _prefill_chunks(self) -> None:

@@ -1,58 +1,63 @@
 """Requests -> `PreparedPrompt` (prompt embeds [S, C]), in the request's thread, through the vision cache.
 
-The same steps as `VLM._prepare` for one row (placeholder check, family preprocessing, vision chain,
-tokenize, embed, scatter), except that each image's embeds come from `VisionCache` when it has them.
+The runtime's own `VLM._prepare` does the work for one row (placeholder checks, the family's
+preprocessing, the vision chain, tokenize, embed, scatter, and the family's prompt positions where
+it has them, e.g. M-RoPE). The server's VLM is its own, and its family is wrapped once so that
+`embed_media` answers each item from the `VisionCache` when it can and runs the vision graphs
+(one run at a time) for the rest.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
-import numpy as np
-
-from vlmdeploy.runtime.images import load_image
-from vlmdeploy.runtime.text import chat_prompt_adds_special_tokens
 from vlmdeploy.runtime.vlm import _Request
 
 from .engine import PreparedPrompt
-from .vision_cache import CachedMedia, VisionCache, preprocessing_fingerprint
+from .vision_cache import VisionCache, preprocessing_fingerprint
 
 
 class PromptBuilder:
     def __init__(self, vlm, vision_cache_bytes: int):
         self.vlm = vlm
         self.cache = VisionCache(vision_cache_bytes, preprocessing_fingerprint(vlm.facts, vlm.manifest.preprocess))
-        # one vision run at a time: each already uses every ONNX Runtime thread, so parallel runs only
-        # oversubscribe the cores and slow the decode steps running beside them
-        self._vision_turn = threading.Lock()
+        vlm.family = CachedVisionFamily(vlm.family, self.cache)
 
     def chat(self, messages: list[dict]) -> PreparedPrompt:
         """vLLM-style messages (images as {"type": "image", "image": bytes}) through the chat template."""
-        prompt, images = self.vlm.render_chat(messages)
-        return self._prepare(_Request(prompt, images, chat_prompt_adds_special_tokens(prompt, self.vlm.text.bos_token)))
+        return self._prepare(self.vlm._chat_request(messages))
 
     def raw(self, prompt: str) -> PreparedPrompt:
         """A raw prompt (no template), special tokens added as HF's processor does."""
         return self._prepare(_Request(prompt, []))
 
-    def _prepare(self, request: _Request) -> PreparedPrompt:
-        vlm = self.vlm
-        vlm._check_placeholders(request)  # cheap checks before any image is read
-        media = self._media(request.images)  # [CachedMedia per image]
-        ids = vlm._tokenize(request, [m.item for m in media])  # [S]
-        embeds = vlm._embed_row(ids, [m.embeds for m in media])  # [S, C]
-        return PreparedPrompt(embeds, len(ids), len(media))
+    def _prepare(self, request) -> PreparedPrompt:
+        batch, prompt_lens, _ = self.vlm._prepare([request])  # embeds [1, S, C]
+        positions = getattr(batch, "positions", None)  # [3, 1, S] from the media grids, or None: the scheme's
+        return PreparedPrompt(batch.embeds[0], prompt_lens[0], len(request.images), positions)
 
-    def _media(self, images: list[bytes]) -> list[CachedMedia]:
-        """Each image's item and embeds: from the cache, or preprocessed and encoded (misses in one run)."""
-        keys = [self.cache.key(data) for data in images]
-        found = [self.cache.get(k) for k in keys]
+
+class CachedVisionFamily:
+    """A runtime family whose `embed_media` goes through the vision cache; the rest is the family's."""
+
+    def __init__(self, family, cache: VisionCache):
+        self._family, self._cache = family, cache
+        # one vision run at a time: each already uses every ONNX Runtime thread, so parallel runs only
+        # oversubscribe the cores and slow the decode steps running beside them
+        self._vision_turn = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._family, name)
+
+    def embed_media(self, items: list, run) -> list:
+        """Each item's embeds [num_tokens, C]: cached ones as they are, the others in one vision run."""
+        keys = [self._cache.key(item) for item in items]
+        found = [self._cache.get(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
-        items = [self.vlm.family.prepare(load_image(images[i])) for i in missing]
-        with self._vision_turn:
-            embeds = self.vlm.family.embed_media(items, self.vlm._run_graph)  # [num_tokens_i, C]
-        for i, item, e in zip(missing, items, embeds):
-            found[i] = CachedMedia(dataclasses.replace(item, pixels=np.empty((0,), np.float32)), e)
-            self.cache.put(keys[i], found[i])
+        if missing:
+            with self._vision_turn:
+                fresh = self._family.embed_media([items[i] for i in missing], run)
+            for i, embeds in zip(missing, fresh):
+                found[i] = embeds
+                self._cache.put(keys[i], embeds)
         return found

@@ -35,7 +35,7 @@ from vlmdeploy.serve.app import ServeConfig, Server, create_app  # noqa: E402
 from vlmdeploy.serve.engine import Engine, QueueFull  # noqa: E402
 from vlmdeploy.serve.prepare import PromptBuilder  # noqa: E402
 from vlmdeploy.serve.protocol import APIError  # noqa: E402
-from vlmdeploy.serve.vision_cache import CachedMedia, VisionCache  # noqa: E402
+from vlmdeploy.serve.vision_cache import VisionCache  # noqa: E402
 
 MODEL = "shapes"
 LIMITS = dict(max_images=2, max_image_pixels=200_000, max_image_mb=0.25, max_model_len=96, max_num_seqs=4)
@@ -475,9 +475,9 @@ def _count_shifts(engine) -> dict:
     return counts
 
 
-def _png(image) -> bytes:
+def _png(image, fmt="PNG") -> bytes:
     f = io.BytesIO()
-    image.save(f, "PNG")
+    image.save(f, fmt)
     return f.getvalue()
 
 
@@ -521,17 +521,28 @@ def test_queue_limit(shapes_dir, vlm):
 
 def test_vision_cache_is_lru_within_its_byte_budget():
     cache = VisionCache(budget_bytes=3 * 400, fingerprint="f")
-    entry = lambda: CachedMedia(None, np.zeros((10, 10), np.float32))  # noqa: E731  400 bytes
+    entry = lambda: np.zeros((10, 10), np.float32)  # noqa: E731  400 bytes
     for name in "abc":
-        cache.put(cache.key(name.encode()), entry())
-    assert cache.get(cache.key(b"a")) is not None  # a is now the most recent
-    cache.put(cache.key(b"d"), entry())  # evicts b, the least recent
-    assert cache.get(cache.key(b"b")) is None and cache.get(cache.key(b"c")) is not None
+        cache.put(name, entry())
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", entry())  # evicts b, the least recent
+    assert cache.get("b") is None and cache.get("c") is not None
     assert len(cache) == 3 and cache.bytes == 1200 and (cache.hits, cache.misses) == (2, 1)
-    cache.put(cache.key(b"huge"), CachedMedia(None, np.zeros((40, 40), np.float32)))  # over the budget: not kept
-    assert cache.get(cache.key(b"huge")) is None and len(cache) == 3
+    cache.put("huge", np.zeros((40, 40), np.float32))  # over the budget: not kept
+    assert cache.get("huge") is None and len(cache) == 3
     with pytest.raises(ValueError, match="--vision-cache-mb must be >= 0"):
         VisionCache(-1, "f")
+
+
+def test_vision_cache_keys_follow_the_preprocessed_content(vlm):
+    from vlmdeploy.runtime.images import load_image
+
+    cache = VisionCache(1 << 20, "f")
+    image = QUESTIONS[0][0]
+    as_png, as_bmp = (vlm.family.prepare(load_image(_png(image, fmt))) for fmt in ("PNG", "BMP"))
+    other = vlm.family.prepare(load_image(_png(QUESTIONS[2][0])))
+    assert cache.key(as_png) == cache.key(as_bmp) != cache.key(other)
+    assert VisionCache(1, "g").key(as_png) != cache.key(as_png)  # another preprocessing fingerprint
 
 
 # ---------------------------------------------------------------------------------------------
