@@ -14,14 +14,14 @@ MODEL_PATH ?=
 
 EXPORT_MODEL := $(if $(MODEL_PATH),$(MODEL_PATH),$(MODEL))
 
-.PHONY: setup setup-runtime export run check demo test fuzz bench clean train-shapes eval-shapes plan
+.PHONY: setup setup-runtime export run check demo test fuzz bench clean train-shapes eval-shapes plan serve bench-serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Runtime + exporter + test tools + video decoding (PyAV), at the versions in constraints.txt (CPU torch).
 setup: $(PY)
-	$(PIP) install -q -c constraints.txt -e '.[export,test,video]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,video,serve,ray]'
 
 # The torch-free runtime only.
 setup-runtime: $(PY)
@@ -35,6 +35,17 @@ run:
 
 check:
 	$(VENV)/bin/vlmdeploy check $(OUT)
+
+# OpenAI-compatible server on $(OUT) (docs/SERVING.md): make serve OUT=artifacts/shapes [PORT=8000] [SERVE_FLAGS=...]
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_FLAGS ?=
+serve: $(OUT)/manifest.json
+	$(VENV)/bin/vlmdeploy serve $(OUT) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
+
+# Load test of the server on $(OUT): 1/4/8/16 clients + a disconnect storm (docs/SERVING.md "Measured")
+bench-serve: $(OUT)/manifest.json
+	$(PY) scripts/bench_serve.py $(OUT) $(BENCH_SERVE_FLAGS)
 
 # Set up, export the default model, check it, and ask it about a picture. The shapes model gets a
 # fresh picture drawn now (question, answer and truth printed); other models a photo.

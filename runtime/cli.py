@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 
     bench_arguments(b)
     b.set_defaults(func=_bench)
+
+    from vlmdeploy.serve.cli import add_arguments as serve_arguments  # argparse only; fastapi loads when run
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (needs vlmdeploy[serve])")
+    serve_arguments(sv)
+    sv.set_defaults(func=_serve)
     _add_model_tools(sub)
     return p
 
@@ -134,6 +140,12 @@ def _bench(args) -> int:
     from vlmdeploy.export.bench import main as bench_main
 
     return bench_main(args)
+
+
+def _serve(args) -> int:
+    from vlmdeploy.serve.cli import serve_command
+
+    return serve_command(args)
 
 
 def _check(args) -> int:

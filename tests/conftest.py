@@ -100,6 +100,16 @@ def tiny(exported_factory) -> Exported:
     return exported_factory("mha-default-l2")
 
 
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """The shipped shapes model exported as `make demo` does (the server tests share it)."""
+    from vlmdeploy.runtime.cli import main
+
+    out = tmp_path_factory.mktemp("serve-shapes") / "artifact"
+    assert main(["export", "--model", "shapes", "--out", str(out)]) == 0
+    return out
+
+
 def photo(name: str = "chelsea", size: tuple[int, int] | None = None) -> Image.Image:
     import skimage.data
 

@@ -29,7 +29,7 @@ ADDING_MUST_NAME = (
     "runtime/families/__init__.py", "export/registry.py", "export/tiny.py",
     "tests/conftest.py", "tests/test_families.py",
 )
-REPO_PATH = re.compile(r"\b(?:runtime|export|tests|docs|configs|demo|package|scripts)/[\w/.-]*\w")
+REPO_PATH = re.compile(r"\b(?:runtime|export|tests|docs|configs|demo|package|scripts|serve)/[\w/.-]*\w")
 
 
 def supported_models() -> list[dict[str, str]]:
@@ -128,7 +128,7 @@ def test_adding_a_family_names_the_files_and_they_exist():
     assert not missing, f"docs/ADDING_A_FAMILY.md names paths that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/ARCHITECTURE.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/ARCHITECTURE.md", "docs/SERVING.md"])
 def test_docs_name_only_files_that_exist(doc):
     text = (ROOT / doc).read_text()
     links = re.findall(r"\]\(((?:docs/)?[\w.-]+\.md)\)", text)
@@ -140,7 +140,7 @@ def test_docs_name_only_files_that_exist(doc):
 
 # ---- layering (docs/ARCHITECTURE.md "Layering") -------------------------------------------------
 
-PACKAGES = {"runtime": "vlmdeploy.runtime", "export": "vlmdeploy.export", "package": "vlmdeploy"}
+PACKAGES = {"runtime": "vlmdeploy.runtime", "export": "vlmdeploy.export", "package": "vlmdeploy", "serve": "vlmdeploy.serve"}
 
 
 def _module_name(path: Path) -> str:
