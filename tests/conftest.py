@@ -48,6 +48,11 @@ FAMILY_VARIANTS = {
 _QWEN = dict(text_model="qwen2", vocab_size=300, text_hidden=64, text_heads=4, text_kv_heads=2, vision_hidden=32,
              vision_heads=2, vision_layers=2)
 QWEN_VARIANTS = {
+    "qwen2_vl": TinyConfig(seed=21, family="qwen2_vl", **_QWEN),
+    "qwen2_5_vl": TinyConfig(seed=22, family="qwen2_5_vl", **_QWEN),
+}
+# The projector zoo and video families (tests/test_<family>.py)
+ZOO_VARIANTS = {
     # Idefics3 / SmolVLM (tests/test_idefics3.py): a ViT of 28-px tiles (4x4 patches, 4 tokens after the
     # shuffle), images split up to 3x3 + a global tile, Llama
     "idefics3": TinyConfig(seed=26, family="idefics3", image_size=28, patch_size=7, vocab_size=400),
@@ -62,8 +67,6 @@ QWEN_VARIANTS = {
     "llava_onevision": TinyConfig(seed=23, family="llava_onevision", text_model="qwen2", vision_model="siglip",
                                   vision_feature_layer=-1, vision_feature_select_strategy="full", image_size=42,
                                   vocab_size=300, onevision_max_tiles=1),
-    "qwen2_vl": TinyConfig(seed=21, family="qwen2_vl", **_QWEN),
-    "qwen2_5_vl": TinyConfig(seed=22, family="qwen2_5_vl", **_QWEN),
 }
 
 
@@ -86,7 +89,7 @@ def exported_factory(tmp_path_factory):
     def get(name: str) -> Exported:
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            model, processor = build_tiny_checkpoint({**VARIANTS, **FAMILY_VARIANTS, **QWEN_VARIANTS}[name],
+            model, processor = build_tiny_checkpoint({**VARIANTS, **FAMILY_VARIANTS, **QWEN_VARIANTS, **ZOO_VARIANTS}[name],
                                                      root / "checkpoint")
             export_model(str(root / "checkpoint"), root / "artifact", log=lambda msg: None)
             cache[name] = Exported(name, model, processor, root / "checkpoint", root / "artifact")

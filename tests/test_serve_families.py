@@ -1,5 +1,5 @@
-"""The scheduler on other model families: anyres tiles (LLaVA-NeXT) and, where the tree has them,
-M-RoPE positions from the image grids (Qwen2-VL), InternVL and LLaVA-OneVision. Mixed image and
+"""The scheduler on other model families: anyres tiles (LLaVA-NeXT), M-RoPE positions from the image
+grids (Qwen2-VL, Qwen2.5-VL), InternVL's wrapped tiles, LLaVA-OneVision, Idefics3's tiles. Mixed image and
 text-only chats, chunked prefill, 3 slots, both decoders: every answer equals `VLM.chat`'s."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from vlmdeploy.runtime.vlm import VLM
 from vlmdeploy.serve.engine import Engine
 from vlmdeploy.serve.prepare import PromptBuilder
 
-TINY = {**conftest.VARIANTS, **conftest.FAMILY_VARIANTS, **getattr(conftest, "QWEN_VARIANTS", {})}
-FAMILIES = ["llava_next-llama-clip", "qwen2_vl", "internvl", "llava_onevision"]
+TINY = {**conftest.VARIANTS, **conftest.FAMILY_VARIANTS, **conftest.QWEN_VARIANTS, **conftest.ZOO_VARIANTS}
+FAMILIES = ["llava_next-llama-clip", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_onevision", "idefics3"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
