@@ -31,15 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import (
-    IMAGENET_STANDARD_MEAN,
-    IMAGENET_STANDARD_STD,
-    RESAMPLE_NAMES,
-    ImageError,
-    check_number,
-    check_triple,
-    to_rgb,
-)
+from .images import (HF_COMMON_FIELDS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, NOT_COMMON, ImageError,
+                     coerce_common_field, hf_common_fields, to_rgb)
 
 Pair = tuple[int, int]
 
@@ -322,22 +315,9 @@ def _check_side(value: Any) -> int:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name.startswith("do_"):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
-    if name in ("image_mean", "image_std"):
-        is_scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
-        values = check_triple(name, (value,) * 3 if is_scalar else value)  # HF allows one value for all
-        if name == "image_std" and 0.0 in values:
-            raise ValueError(f"image_std must not contain 0, got {values}")
-        return values
-    if name == "rescale_factor":
-        return check_number(name, value)
-    if name == "resample":
-        if isinstance(value, bool) or value not in RESAMPLE_NAMES:
-            raise ValueError(f"resample must be a PIL code in {RESAMPLE_NAMES}, got {value!r}")
-        return int(value)
+    common = coerce_common_field(name, value)
+    if common is not NOT_COMMON:
+        return common
     if name.endswith("_token"):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
@@ -366,12 +346,8 @@ def _edge(d: dict, key: str, default: int) -> int:
 
 
 def _hf_common(d: dict) -> dict:
-    """The flags and numbers HF's dict gives; null flags are off, as in HF."""
-    keys = {"resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
-            "do_convert_rgb", "do_image_splitting"}
-    out = {k: d[k] for k in keys if k in d and d[k] is not None}
-    out.update({k: False for k in keys if k.startswith("do_") and k in d and d[k] is None})
-    return out
+    """The flags and numbers HF's dict gives (and do_image_splitting)."""
+    return hf_common_fields(d, (*HF_COMMON_FIELDS, "do_image_splitting"))
 
 
 def _check_model(p: Idefics3Params, config: dict) -> None:

@@ -408,6 +408,43 @@ def _check_pair(name: str, value: Any) -> tuple[int, int]:
     return tuple(_check_int(name, v, 1) for v in value)
 
 
+# The fields every HF image processor shares: read from its dict by `hf_common_fields`, checked by
+# `coerce_common_field` (the Qwen2-VL, LLaVA-OneVision, InternVL and Idefics3 parameter classes).
+HF_COMMON_FIELDS = ("resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                    "image_std", "do_convert_rgb")
+NOT_COMMON = object()  # coerce_common_field's answer for a field it does not know
+
+
+def hf_common_fields(d: dict, keys=HF_COMMON_FIELDS) -> dict:
+    """The given keys an HF processor dict sets; a null do_* flag is off, as in HF."""
+    out = {k: d[k] for k in keys if k in d and d[k] is not None}
+    out.update({k: False for k in keys if k.startswith("do_") and k in d and d[k] is None})
+    return out
+
+
+def coerce_common_field(name: str, value: Any, flags: tuple[str, ...] = ()) -> Any:
+    """A shared processor field checked and normalized (do_* and `flags`: bools; mean/std: a triple,
+    one number meaning all three, std without 0; rescale_factor: a number; resample: a PIL code);
+    NOT_COMMON for any other field."""
+    if name.startswith("do_") or name in flags:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if name in ("image_mean", "image_std"):
+        is_scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
+        values = check_triple(name, (value,) * 3 if is_scalar else value)  # HF allows one value for all
+        if name == "image_std" and 0.0 in values:
+            raise ValueError(f"image_std must not contain 0, got {values}")
+        return values
+    if name == "rescale_factor":
+        return check_number(name, value)
+    if name == "resample":
+        if isinstance(value, bool) or value not in RESAMPLE_NAMES:
+            raise ValueError(f"resample must be a PIL code in {RESAMPLE_NAMES}, got {value!r}")
+        return int(value)
+    return NOT_COMMON
+
+
 def check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")

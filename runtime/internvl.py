@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESAMPLE_NAMES, ImageError, check_number, check_triple, to_rgb
+from .images import (HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
+                     hf_common_fields, to_rgb)
 from .resize_aa import resize_uint8_aa
 
 Pair = tuple[int, int]
@@ -301,22 +302,9 @@ def _coerce(name: str, value: Any) -> Any:
         if value not in BACKENDS:
             raise ValueError(f"image_backend must be one of {BACKENDS}, got {value!r}")
         return value
-    if name.startswith("do_") or name == "crop_to_patches":
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
-    if name in ("image_mean", "image_std"):
-        is_scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
-        values = check_triple(name, (value,) * 3 if is_scalar else value)  # HF allows one value for all
-        if name == "image_std" and 0.0 in values:
-            raise ValueError(f"image_std must not contain 0, got {values}")
-        return values
-    if name == "rescale_factor":
-        return check_number(name, value)
-    if name == "resample":
-        if isinstance(value, bool) or value not in RESAMPLE_NAMES:
-            raise ValueError(f"resample must be a PIL code in {RESAMPLE_NAMES}, got {value!r}")
-        return int(value)
+    common = coerce_common_field(name, value, flags=("crop_to_patches",))
+    if common is not NOT_COMMON:
+        return common
     if name == "tile":
         if (not isinstance(value, (tuple, list)) or len(value) != 2
                 or not all(_positive_int(v) for v in value)):
@@ -345,13 +333,9 @@ def _image_dict(image_processor: Any) -> dict:
 
 
 def _hf_common(d: dict) -> dict:
-    """The flags and numbers HF's dict gives; null flags are off, as in HF. crop_to_patches is not read:
+    """The flags and numbers HF's dict gives (and min/max_patches). crop_to_patches is not read:
     InternVLProcessor passes true."""
-    keys = {"resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
-            "do_convert_rgb", "min_patches", "max_patches"}
-    out = {k: d[k] for k in keys if k in d and d[k] is not None}
-    out.update({k: False for k in keys if k.startswith("do_") and k in d and d[k] is None})
-    return out
+    return hf_common_fields(d, (*HF_COMMON_FIELDS, "min_patches", "max_patches"))
 
 
 def _hf_tile(size: Any) -> Pair:

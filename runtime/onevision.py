@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from . import anyres
-from .images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESAMPLE_NAMES, ImageError, check_number, check_triple, to_rgb
+from .images import (HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
+                     hf_common_fields, to_rgb)
 from .resize_aa import resize_uint8_aa
 
 Pair = tuple[int, int]
@@ -434,22 +435,9 @@ def _coerce(name: str, value: Any) -> Any:
         if value not in BACKENDS:
             raise ValueError(f"image_backend must be one of {BACKENDS}, got {value!r}")
         return value
-    if name.startswith("do_"):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
-    if name in ("image_mean", "image_std"):
-        is_scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
-        values = check_triple(name, (value,) * 3 if is_scalar else value)  # HF allows one value for all
-        if name == "image_std" and 0.0 in values:
-            raise ValueError(f"image_std must not contain 0, got {values}")
-        return values
-    if name == "rescale_factor":
-        return check_number(name, value)
-    if name == "resample":
-        if isinstance(value, bool) or value not in RESAMPLE_NAMES:
-            raise ValueError(f"resample must be a PIL code in {RESAMPLE_NAMES}, got {value!r}")
-        return int(value)
+    common = coerce_common_field(name, value)
+    if common is not NOT_COMMON:
+        return common
     if name in ("tile", "size", "patch_size"):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -488,12 +476,8 @@ def _image_dict(image_processor: Any) -> dict:
 
 
 def _hf_common(d: dict, cls) -> dict:
-    """The flags and numbers of ``cls`` that HF's dict gives; null flags are off, as in HF."""
-    keys = {f.name for f in fields(cls)} & {"resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize",
-                                            "image_mean", "image_std", "do_convert_rgb"}
-    out = {k: d[k] for k in keys if k in d and d[k] is not None}
-    out.update({k: False for k in keys if k.startswith("do_") and k in d and d[k] is None})
-    return out
+    """The shared flags and numbers of ``cls`` that HF's dict gives."""
+    return hf_common_fields(d, tuple(k for k in HF_COMMON_FIELDS if k in {f.name for f in fields(cls)}))
 
 
 def _hf_tile(size: Any, crop_size: Any, do_center_crop: Any) -> int:

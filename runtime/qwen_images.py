@@ -22,16 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .images import (
-    MAX_RESIZED_PIXELS,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    RESAMPLE_NAMES,
-    ImageError,
-    check_number,
-    check_triple,
-    to_rgb,
-)
+from .images import MAX_RESIZED_PIXELS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field, to_rgb
 from .resize_aa import resize_uint8_aa
 
 MAX_ASPECT_RATIO = 200  # smart_resize refuses a longer side over 200x the shorter (as HF)
@@ -401,19 +392,9 @@ def _coerce(name: str, value: Any) -> Any:
         if value not in ("pil", "torchvision"):
             raise ValueError(f'image_backend must be "pil" or "torchvision", got {value!r}')
         return value
-    if name.startswith("do_") or name == "cap_pixels_per_frame":
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
-    if name in ("image_mean", "image_std"):
-        is_scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return check_triple(name, (value,) * 3 if is_scalar else value)  # HF allows one value for all
-    if name == "rescale_factor":
-        return check_number(name, value)
-    if name == "resample":
-        if value not in RESAMPLE_NAMES or isinstance(value, bool):
-            raise ValueError(f"resample must be a PIL code in {RESAMPLE_NAMES}, got {value!r}")
-        return int(value)
+    common = coerce_common_field(name, value, flags=("cap_pixels_per_frame",))
+    if common is not NOT_COMMON:
+        return common
     if value is None and name == "max_pixels_limit":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
