@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .images import ImageError
 from .manifest import ArtifactError
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the ONNX Runtime decoder")
     e.set_defaults(func=_export)
+
+    q = sub.add_parser("quantize", help="a copy of an artifact with decoder_gqa's weights int8/int4 (no re-export)")
+    q.add_argument("dir", help="an exported fp32 artifact directory (left as it is)")
+    q.add_argument("--out", required=True, help="where the quantized artifact is written")
+    q.add_argument("--scheme", choices=["int8", "int4"], default="int8")
+    q.set_defaults(func=_quantize)
 
     r = sub.add_parser("run", help="generate an answer with an exported model")
     r.add_argument("dir", help="artifact directory")
@@ -107,6 +114,18 @@ def _export(args) -> int:
         print(f"vlmdeploy export: error: cannot write {args.out}: {e.strerror or e} ({type(e).__name__}); "
               "nothing was replaced", file=sys.stderr)
         return 2
+    return 0
+
+
+def _quantize(args) -> int:
+    try:
+        from vlmdeploy.export.quantize import quantize_artifact
+    except ImportError as e:
+        print(f"vlmdeploy quantize: error: it needs onnx ({e.name} is missing); install: pip install 'vlmdeploy[export]'",
+              file=sys.stderr)
+        return 2
+    quantize_artifact(Path(args.dir), Path(args.out), args.scheme,
+                      log=lambda m: print(f"[quantize] {m}", file=sys.stderr, flush=True))
     return 0
 
 

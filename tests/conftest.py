@@ -123,3 +123,13 @@ def photo(name: str = "chelsea", size: tuple[int, int] | None = None) -> Image.I
 def noise_image(seed: int, size=(40, 30), mode="RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+def both_decoders(exp):
+    """The exported model loaded once per decoder: decoder_gqa (ONNX Runtime's in-place KV) and the
+    portable one (TensorRT's); a family test that expects both fails if the export dropped one."""
+    from vlmdeploy.runtime.vlm import VLM
+
+    decoders = VLM.load(exp.artifact, verify=False).facts.pipeline["decoders"]
+    assert decoders == ["decoder_gqa", "decoder"]
+    return [VLM.load(exp.artifact, decoder=d) for d in decoders]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import photo
+from conftest import both_decoders, photo
 from vlmdeploy.runtime.vlm import VLM
 
 NEW_TOKENS = 16
@@ -27,12 +27,6 @@ def exp(request, exported_factory):
     return exported_factory(request.param)
 
 
-def runtimes(exp):
-    decoders = VLM.load(exp.artifact, verify=False).facts.pipeline["decoders"]
-    assert decoders == ["decoder_gqa", "decoder"]
-    return [VLM.load(exp.artifact, decoder=d) for d in decoders]
-
-
 def hf_generate(exp, prompts, images):
     exp.processor.tokenizer.padding_side = "left"
     inputs = exp.processor(text=prompts, images=images if any(images) else None, return_tensors="pt", padding=True)
@@ -45,7 +39,7 @@ def hf_generate(exp, prompts, images):
 def test_greedy_tokens_equal_hf(exp, case):
     prompt, images = CASES[case]
     want = hf_generate(exp, [prompt], [images()])[0]
-    for vlm in runtimes(exp):
+    for vlm in both_decoders(exp):
         assert vlm.generate(prompt, images(), max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want, vlm.decoder_graph
 
 
@@ -53,7 +47,7 @@ def test_left_padded_batch_equals_hf(exp):
     prompts, images = [p for p, _ in CASES.values()], [i() for _, i in CASES.values()]
     want = hf_generate(exp, prompts, images)
     assert len({tuple(w) for w in want}) == 3  # the rows differ: the images matter
-    for vlm in runtimes(exp):
+    for vlm in both_decoders(exp):
         got = vlm.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         assert [g.token_ids for g in got] == want, vlm.decoder_graph
 

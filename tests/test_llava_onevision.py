@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import photo
+from conftest import both_decoders, photo
 from vlmdeploy.runtime import onevision as ov
 from vlmdeploy.runtime.vlm import VLM
 
@@ -36,12 +36,6 @@ def images_two():
     return [photo("chelsea", (150, 100)), photo("astronaut", (60, 130))]
 
 
-def runtimes(exp):
-    decoders = VLM.load(exp.artifact, verify=False).facts.pipeline["decoders"]
-    assert decoders == ["decoder_gqa", "decoder"]
-    return [VLM.load(exp.artifact, decoder=d) for d in decoders]
-
-
 def hf_generate(exp, prompts, images, **extra):
     """HF batch generate; images nested per prompt (a prompt's images are one multi-image sample)."""
     processor, model = exp.processor, exp.model
@@ -62,14 +56,14 @@ def test_greedy_tokens_equal_hf(onevision, case):
     prompt, images = {"photo": (ONE, [photo("chelsea", (150, 100))]), "two images": (TWO, images_two()),
                       "text only": (TEXT, [])}[case]
     want = hf_generate(onevision, [prompt], [images])[0]
-    for vlm in runtimes(onevision):
+    for vlm in both_decoders(onevision):
         assert vlm.generate(prompt, images, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want, vlm.decoder_graph
 
 
 def test_left_padded_batch_equals_hf(onevision):
     prompts, images = [ONE, TEXT, TWO], [[photo("coffee", (90, 120))], [], images_two()]
     want = hf_generate(onevision, prompts, images)
-    for vlm in runtimes(onevision):
+    for vlm in both_decoders(onevision):
         got = vlm.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         assert [g.token_ids for g in got] == want, vlm.decoder_graph
 
@@ -79,7 +73,7 @@ def test_image_and_video_equal_hf(onevision):
     image = photo("coffee", (100, 70))
     base = np.asarray(photo("astronaut", (160, 56)))
     frames = np.stack([base[:, 8 * i: 8 * i + 84] for i in range(5)])  # [5, 56, 84, 3]
-    vlms = runtimes(onevision)
+    vlms = both_decoders(onevision)
     got = [v.generate(WITH_VIDEO, [image], [frames], max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids for v in vlms]
     video = vlms[0].family.prepare_video(frames)
     assert video.num_tokens == 5 * 4 + 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QWEN_VARIANTS, noise_image, photo
+from conftest import QWEN_VARIANTS, both_decoders, noise_image, photo
 from vlmdeploy.runtime.vlm import VLM, PromptError
 
 NEW_TOKENS = 20
@@ -46,13 +46,6 @@ def qwen(request, exported_factory):
     return exported_factory(request.param)
 
 
-def runtimes(exp):
-    """The artifact once per decoder it has: decoder_gqa (M-RoPE from standard ops) and the portable one."""
-    decoders = VLM.load(exp.artifact, verify=False).facts.pipeline["decoders"]
-    assert decoders == ["decoder_gqa", "decoder"]
-    return [VLM.load(exp.artifact, decoder=d) for d in decoders]
-
-
 def hf_generate(exp, prompts, images):
     """HF batch generate through its processor (left padding), greedy, EOS off."""
     processor, model = exp.processor, exp.model
@@ -71,14 +64,14 @@ def _generate(model, inputs):
 
 def test_two_images_of_different_sizes_equal_hf(qwen):
     want = hf_generate(qwen, [TWO], [two_images()])[0]
-    for vlm in runtimes(qwen):
+    for vlm in both_decoders(qwen):
         got = vlm.generate(TWO, two_images(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
         assert got.token_ids == want, vlm.decoder_graph
 
 
 def test_text_only_equals_hf(qwen):
     want = hf_generate(qwen, [TEXT], [[]])[0]
-    for vlm in runtimes(qwen):
+    for vlm in both_decoders(qwen):
         assert vlm.generate(TEXT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want, vlm.decoder_graph
 
 
@@ -86,14 +79,14 @@ def test_left_padded_batch_with_different_image_sizes_equals_hf(qwen):
     prompts = [TWO, TEXT, ONE]
     images = [two_images(), [], [photo("coffee", (120, 90))]]
     want = hf_generate(qwen, prompts, images)
-    for vlm in runtimes(qwen):
+    for vlm in both_decoders(qwen):
         got = vlm.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         assert [g.token_ids for g in got] == want, vlm.decoder_graph
 
 
 def test_image_and_video_equal_hf(qwen):
     """HF's model fed the same video patches, its image processor for the image, its get_rope_index."""
-    vlms = runtimes(qwen)
+    vlms = both_decoders(qwen)
     image, frames = photo("coffee", (100, 70)), video_frames()
     got = [vlm.generate(WITH_VIDEO, [image], [frames], max_new_tokens=NEW_TOKENS, ignore_eos=True) for vlm in vlms]
     family = vlms[0].family
