@@ -115,11 +115,14 @@ class Server:
         self.builder, self.engine = builder, engine
         log.info("serving %s as %r (%s, %s)", c.directory, c.served_name, vlm.backend, vlm.decoder_graph)
 
-    def chat_prompt(self, messages) -> PreparedPrompt:
-        """OpenAI messages -> prompt embeds (in a worker thread: image fetches, decoding, vision graphs)."""
-        runtime = runtime_messages(messages, self.fetcher.fetch)
+    def chat_prompt(self, messages, options: dict) -> PreparedPrompt:
+        """OpenAI messages -> prompt embeds (in a worker thread: media fetches, decoding, vision graphs);
+        `options`: the request's mm_processor_kwargs (image sizes, video frame sampling)."""
+        frames = {k: options[k] for k in ("fps", "num_frames") if k in options}
+        runtime = runtime_messages(messages, self.fetcher.fetch, frames)
         _check_pixels(runtime, self.config.max_image_pixels)
-        return self.builder.chat(runtime)
+        sizes = {k: options[k] for k in ("min_pixels", "max_pixels") if k in options}
+        return self.builder.chat(runtime, **sizes)
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -175,7 +178,11 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         engine = server.ready()
         params = _sampling(req, req.requested_max(), engine)
         _check_image_count(req, config.max_images)
-        prompt = await _prepare(server.chat_prompt, req.messages)
+        try:
+            options = req.media_options()
+        except ValueError as e:
+            raise APIError(400, str(e), "mm_processor_kwargs") from None
+        prompt = await _prepare(server.chat_prompt, req.messages, options)
         return await _respond(request, engine, Reply("chat", config.served_name), prompt, params, req, arrived)
 
     @app.post("/v1/completions")

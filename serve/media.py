@@ -30,10 +30,11 @@ class ImageFetcher:
     local_root: Path | None = None
     timeout_s: float = 10.0
 
-    def fetch(self, url: str) -> bytes:
+    def fetch(self, url: str, kind: str = "image") -> bytes:
+        """A media URL -> its bytes; `kind` ("image" or "video") is what a data: URL must hold."""
         scheme = urllib.parse.urlsplit(url).scheme.lower() if ":" in url[:12] else ""
         if scheme == "data":
-            return self._data(url)
+            return self._data(url, kind)
         if scheme in ("http", "https"):
             return self._remote(url)
         if scheme in ("file", ""):
@@ -41,17 +42,17 @@ class ImageFetcher:
         raise _bad(f"image_url scheme {scheme!r} is not supported; use a data:image/...;base64, URL"
                    f"{', http(s)' if self.allow_remote else ''}{', or a local path' if self.local_root else ''}")
 
-    def _data(self, url: str) -> bytes:
+    def _data(self, url: str, kind: str = "image") -> bytes:
         header, _, payload = url.partition(",")
         media_type = header[5:].split(";")[0].lower()
-        if not media_type.startswith("image/") or not header.endswith(";base64"):
-            raise _bad(f"image_url must be a base64 data URL of an image (data:image/...;base64,...), got {header[:60]!r}",
-                       "invalid_image_url")
+        if not media_type.startswith(f"{kind}/") or not header.endswith(";base64"):
+            raise _bad(f"{kind}_url must be a base64 data URL of {'an image' if kind == 'image' else 'a video'} "
+                       f"(data:{kind}/...;base64,...), got {header[:60]!r}", f"invalid_{kind}_url")
         self._check_size(len(payload) * 3 // 4)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise _bad(f"image_url's base64 payload does not decode ({e})", "invalid_image_url") from None
+            raise _bad(f"{kind}_url's base64 payload does not decode ({e})", f"invalid_{kind}_url") from None
 
     def _remote(self, url: str) -> bytes:
         if not self.allow_remote:

@@ -23,9 +23,10 @@ class PromptBuilder:
         self.cache = VisionCache(vision_cache_bytes, preprocessing_fingerprint(vlm.facts, vlm.manifest.preprocess))
         vlm.family = CachedVisionFamily(vlm.family, self.cache)
 
-    def chat(self, messages: list[dict]) -> PreparedPrompt:
-        """vLLM-style messages (images as {"type": "image", "image": bytes}) through the chat template."""
-        return self._prepare(self.vlm._chat_request(messages))
+    def chat(self, messages: list[dict], min_pixels: int | None = None, max_pixels: int | None = None) -> PreparedPrompt:
+        """vLLM-style messages (images as {"type": "image", "image": bytes}, videos as {"type": "video",
+        "video": bytes}) through the chat template; min/max_pixels for families that size each image."""
+        return self._prepare(self.vlm._chat_request(messages, min_pixels, max_pixels))
 
     def raw(self, prompt: str) -> PreparedPrompt:
         """A raw prompt (no template), special tokens added as HF's processor does."""
@@ -34,7 +35,7 @@ class PromptBuilder:
     def _prepare(self, request) -> PreparedPrompt:
         batch, prompt_lens, _ = self.vlm._prepare([request])  # embeds [1, S, C]
         positions = getattr(batch, "positions", None)  # [3, 1, S] from the media grids, or None: the scheme's
-        return PreparedPrompt(batch.embeds[0], prompt_lens[0], len(request.images), positions)
+        return PreparedPrompt(batch.embeds[0], prompt_lens[0], len(request.images) + len(request.videos), positions)
 
 
 class CachedVisionFamily:

@@ -41,9 +41,14 @@ class ImageURL(_Body):
 
 
 class ContentPart(_Body):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: ImageURL | None = None  # vLLM's part for video: {"url": "data:video/mp4;base64,..."}
+
+
+# per-request preprocessing (vLLM's `mm_processor_kwargs`, extra body): image sizes and frame sampling
+MEDIA_OPTIONS = {"min_pixels": int, "max_pixels": int, "fps": (int, float), "num_frames": int}
 
 
 class Message(_Body):
@@ -111,6 +116,19 @@ class _Sampling(_Body):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    mm_processor_kwargs: dict | None = None
+
+    def media_options(self) -> dict:
+        """mm_processor_kwargs checked: {min_pixels, max_pixels} for images and frames, {fps | num_frames}
+        for how video frames are sampled."""
+        given = self.mm_processor_kwargs or {}
+        unknown = sorted(set(given) - set(MEDIA_OPTIONS))
+        if unknown:
+            raise ValueError(f"mm_processor_kwargs {unknown} are not supported; allowed: {sorted(MEDIA_OPTIONS)}")
+        for key, value in given.items():
+            if isinstance(value, bool) or not isinstance(value, MEDIA_OPTIONS[key]) or value <= 0:
+                raise ValueError(f"mm_processor_kwargs.{key} must be a positive number, got {value!r}")
+        return dict(given)
 
     def requested_max(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -137,26 +155,33 @@ class CompletionRequest(_Sampling):
 # ---- images in messages ---------------------------------------------------------------------------
 
 
-def runtime_messages(messages: list[Message], fetch: Callable[[str], bytes]) -> list[dict]:
-    """OpenAI messages -> the runtime's (text parts as they are, images as {"type": "image", "image": bytes});
-    `fetch`: an image URL -> its bytes (serve/media.py)."""
+def runtime_messages(messages: list[Message], fetch: Callable[[str], bytes], frames: dict | None = None) -> list[dict]:
+    """OpenAI messages -> the runtime's (text parts as they are, images as {"type": "image", "image": bytes},
+    videos as {"type": "video", "video": bytes, **frames}); `fetch`: a media URL -> its bytes
+    (serve/media.py); `frames`: how video frames are sampled (fps or num_frames)."""
     out = []
     for m in messages:
         parts = [] if m.content is None else [ContentPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
-        out.append({"role": m.role, "content": [_runtime_part(p, fetch) for p in parts]})
+        out.append({"role": m.role, "content": [_runtime_part(p, fetch, frames or {}) for p in parts]})
     return out
 
 
 def image_urls(messages: list[Message]) -> list[str]:
-    return [p.image_url.url for m in messages if isinstance(m.content, list) for p in m.content
-            if p.type == "image_url" and p.image_url is not None]
+    """The image and video URLs of a request (both count against --max-images)."""
+    return [u.url for m in messages if isinstance(m.content, list) for p in m.content
+            if (u := p.image_url if p.type == "image_url" else p.video_url if p.type == "video_url" else None) is not None]
 
 
-def _runtime_part(part: ContentPart, fetch: Callable[[str], bytes]) -> dict:
+def _runtime_part(part: ContentPart, fetch: Callable[[str], bytes], frames: dict) -> dict:
     if part.type == "text":
         if part.text is None:
             raise APIError(400, "a text content part needs 'text'", "messages")
         return {"type": "text", "text": part.text}
+    if part.type == "video_url":
+        if part.video_url is None:
+            raise APIError(400, "a video_url content part needs 'video_url': {'url': 'data:video/...;base64,...'}",
+                           "messages")
+        return {"type": "video", "video": fetch(part.video_url.url, "video"), **frames}
     if part.image_url is None:
         raise APIError(400, "an image_url content part needs 'image_url': {'url': 'data:image/...;base64,...'}", "messages")
     return {"type": "image", "image": fetch(part.image_url.url)}

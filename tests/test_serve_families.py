@@ -59,3 +59,43 @@ def _text(events: queue.Queue) -> str:
         text += e.text
         if e.finish_reason:
             return text
+
+
+def test_video_parts_and_media_options_through_the_openai_client(exported_factory, tmp_path):
+    """Qwen2-VL served: a `video_url` part (a data: URL of a clip) and `mm_processor_kwargs` (max_pixels,
+    num_frames) in the extra body give the answer `VLM.chat` gives for the same video and options."""
+    import base64
+
+    from test_qwen2_vl import _write_lossless, video_frames
+    from test_serve import RunningServer
+
+    from vlmdeploy.serve.app import ServeConfig
+
+    artifact = exported_factory("qwen2_vl").artifact
+    clip = _write_lossless(tmp_path / "pan.mov", video_frames(6))
+    url = "data:video/quicktime;base64," + base64.b64encode(clip.read_bytes()).decode()
+    image = photo("chelsea", (300, 200))
+    server = RunningServer(ServeConfig(str(artifact), model_name="qwen", max_model_len=400))
+    try:
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_png(image)).decode()}},
+                   {"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Same?"}]
+        options = {"max_pixels": 28 * 28 * 16, "num_frames": 4}
+        got = server.client.chat.completions.create(
+            model="qwen", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0,
+            extra_body={"ignore_eos": True, "mm_processor_kwargs": options})
+        vlm = VLM.load(artifact)
+        local = [{"role": "user", "content": [{"type": "image", "image": image},
+                                              {"type": "video", "video": clip, "num_frames": 4},
+                                              {"type": "text", "text": "Same?"}]}]
+        want = vlm.chat(local, max_new_tokens=8, ignore_eos=True, max_pixels=28 * 28 * 16)
+        assert got.choices[0].message.content == want.text
+        assert got.usage.prompt_tokens == want.prompt_tokens
+        assert want.prompt_tokens < vlm.chat(local, max_new_tokens=1).prompt_tokens  # the options took effect
+        status, body = server.post("/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user", "content": content}],
+                                                            "mm_processor_kwargs": {"max_pixels": 10**9}})
+        assert status == 400 and "max_pixels" in body["error"]["message"]
+        status, body = server.post("/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user", "content": content}],
+                                                            "mm_processor_kwargs": {"resolution": 3}})
+        assert status == 400 and "allowed" in body["error"]["message"]
+    finally:
+        server.stop()
