@@ -41,11 +41,35 @@ def quantize_graph(path: Path, scheme: str) -> dict:
     return {"scheme": scheme, "bits": SCHEMES[scheme], "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL}
 
 
-def quantize_artifact(src: Path, out: Path, scheme: str, log=print) -> dict:
+def quantize_vision_graph(path: Path) -> dict:
+    """The image chain's graph at `path` with int8 compute: ONNX Runtime's dynamic quantization of its
+    MatMuls (int8 weights per output channel, activations quantized per call: the MatMulInteger
+    kernels that use VNNI / AMX). Norms, softmax and the rest stay fp32."""
+    from vlmdeploy.runtime.offline import import_onnxruntime
+
+    import_onnxruntime()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.stem + ".int8.onnx")
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" advice on root
+    quantize_dynamic(path, tmp, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    model = onnx.load(str(tmp))
+    for leftover in (tmp, tmp.with_name(tmp.name + ".data"), path.with_name(path.name + ".data")):
+        leftover.unlink(missing_ok=True)
+    for f in path.parent.glob(f"{tmp.name}*"):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=1024)
+    return {"scheme": "int8-dynamic", "op_types": ["MatMul"], "per_channel": True}
+
+
+def quantize_artifact(src: Path, out: Path, scheme: str | None, log=print, vision: bool = False) -> dict:
     """`vlmdeploy quantize DIR --out OUT`: a copy of an exported artifact with decoder_gqa's weights
-    quantized, without re-exporting (no PyTorch, no checkpoint). The copy is written beside `out` and
-    swapped in when complete; `src` is not touched. How far the logits moved from the fp32 graph is
-    measured on the export's validation shapes and recorded (not enforced)."""
+    quantized (`scheme`) and/or the image chain's graphs computing in int8 (`vision`), without
+    re-exporting (no PyTorch, no checkpoint). The copy is written beside `out` and swapped in when
+    complete; `src` is not touched. How far the outputs moved from the fp32 graphs is measured on
+    the export's validation shapes and recorded (not enforced)."""
     import shutil
 
     from vlmdeploy.runtime.manifest import (ArtifactError, check_export_target, describe_files, load_manifest,
@@ -53,12 +77,18 @@ def quantize_artifact(src: Path, out: Path, scheme: str, log=print) -> dict:
 
     src, out = Path(src), Path(out)
     manifest = load_manifest(src, checksums=True)
-    if scheme not in SCHEMES:
+    if scheme is None and not vision:
+        raise ValueError("nothing to quantize: give --scheme int8|int4 (decoder_gqa's weights) and/or --vision")
+    if scheme is not None and scheme not in SCHEMES:
         raise ValueError(f"--scheme {scheme!r} not one of {sorted(SCHEMES)}")
-    if "decoder_gqa" not in manifest.graphs:
+    if vision and (manifest.source or {}).get("vision_quantization"):
+        raise ArtifactError(f"{src}: the image graphs are already int8; start from the fp32 artifact")
+    if scheme is None:
+        pass
+    elif "decoder_gqa" not in manifest.graphs:
         raise ArtifactError(f"{src} has no decoder_gqa graph (the one weight-only quantization applies to); its "
                             f"graphs are {sorted(manifest.graphs)}")
-    done = (manifest.source or {}).get("quantization")
+    done = (manifest.source or {}).get("quantization") if scheme else None
     if done:
         raise ArtifactError(f"{src}: decoder_gqa is already quantized ({done.get('scheme')}); quantize the fp32 artifact")
     if out.resolve() == src.resolve():
@@ -66,19 +96,55 @@ def quantize_artifact(src: Path, out: Path, scheme: str, log=print) -> dict:
     with staging_dir(out, check_export_target) as tmp:
         for name in manifest.files:
             shutil.copy2(src / name, tmp / name)
-        log(f"quantizing decoder_gqa weights to {scheme}")
-        record = quantize_graph(tmp / "decoder_gqa.onnx", scheme)
-        diff = _logits_moved(src, tmp, manifest)
-        log(f"decoder_gqa {scheme}: max abs logit diff vs fp32 {diff:.3g} (recorded, not enforced)")
-        validation = {**manifest.validation, "decoder_gqa": {"quantized": scheme, "max_abs_diff_vs_fp32": diff,
-                                                             "fp32": manifest.validation.get("decoder_gqa")}}
-        files = describe_files(tmp, sorted(manifest.files))
-        source = {**(manifest.source or {}), "quantization": record, "quantized_from": str(src)}
+        validation, source, record = dict(manifest.validation), {**(manifest.source or {}), "quantized_from": str(src)}, {}
+        if scheme is not None:
+            log(f"quantizing decoder_gqa weights to {scheme}")
+            record = source["quantization"] = quantize_graph(tmp / "decoder_gqa.onnx", scheme)
+            diff = _logits_moved(src, tmp, manifest)
+            log(f"decoder_gqa {scheme}: max abs logit diff vs fp32 {diff:.3g} (recorded, not enforced)")
+            validation["decoder_gqa"] = {"quantized": scheme, "max_abs_diff_vs_fp32": diff,
+                                         "fp32": manifest.validation.get("decoder_gqa")}
+        if vision:
+            graphs = _image_graphs(manifest)
+            for graph in graphs:
+                log(f"{graph}: int8 compute (dynamic quantization of its MatMuls)")
+                record = quantize_vision_graph(tmp / manifest.graph_files[graph])
+            moved = _image_outputs_moved(src, tmp, manifest, graphs)
+            log(f"image graphs int8: output cosine vs fp32 {moved['cosine']:.5f}, max abs diff "
+                f"{moved['max_abs_diff']:.3g} (recorded, not enforced)")
+            source["vision_quantization"] = {**record, "graphs": graphs}
+            validation["vision_int8"] = moved
+        files = describe_files(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != "manifest.json"))
         import dataclasses
 
         dataclasses.replace(manifest, files=files, validation=validation, source=source).write(tmp)
     log(f"done: {out}")
     return record
+
+
+def _image_graphs(manifest) -> list[str]:
+    """The graphs of every media chain (image and video share them), in order."""
+    chains = [manifest.model.pipeline[k] for k in manifest.model.media if k in manifest.model.pipeline]
+    return list(dict.fromkeys(g for chain in chains for g in chain))
+
+
+def _image_outputs_moved(fp32_dir: Path, int8_dir: Path, manifest, graphs: list[str]) -> dict:
+    """Each image graph on its validation inputs, fp32 vs int8: the worst cosine and max abs diff."""
+    import numpy as np
+
+    from vlmdeploy.runtime.dummy import sample_feeds, validation_dims
+    from vlmdeploy.runtime.runners import OrtRunner
+
+    cosine, diff = 1.0, 0.0
+    for graph in graphs:
+        spec = manifest.graphs[graph]
+        runners = [OrtRunner(d / manifest.graph_files[graph], spec) for d in (fp32_dir, int8_dir)]
+        for i, dims in enumerate(validation_dims(spec)):
+            feeds = sample_feeds(spec, dims, manifest.model, np.random.default_rng(i))
+            a, b = (r.run(feeds)[spec.output_names[0]].astype(np.float64).ravel() for r in runners)
+            cosine = min(cosine, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+            diff = max(diff, float(np.max(np.abs(a - b))))
+    return {"graphs": graphs, "cosine": cosine, "max_abs_diff": diff}
 
 
 def _logits_moved(fp32_dir: Path, quantized_dir: Path, manifest) -> float:

@@ -51,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="a copy of an artifact with decoder_gqa's weights int8/int4 (no re-export)")
     q.add_argument("dir", help="an exported fp32 artifact directory (left as it is)")
     q.add_argument("--out", required=True, help="where the quantized artifact is written")
-    q.add_argument("--scheme", choices=["int8", "int4"], default="int8")
+    q.add_argument("--scheme", choices=["int8", "int4"], help="decoder_gqa's weights (int8 / int4 blocks)")
+    q.add_argument("--vision", action="store_true",
+                   help="the image graphs (vision tower, projector) compute in int8: dynamic quantization of their "
+                        "MatMuls (VNNI / AMX kernels); norms and softmax stay fp32")
     q.set_defaults(func=_quantize)
 
     r = sub.add_parser("run", help="generate an answer with an exported model")
@@ -124,8 +127,9 @@ def _quantize(args) -> int:
         print(f"vlmdeploy quantize: error: it needs onnx ({e.name} is missing); install: pip install 'vlmdeploy[export]'",
               file=sys.stderr)
         return 2
-    quantize_artifact(Path(args.dir), Path(args.out), args.scheme,
-                      log=lambda m: print(f"[quantize] {m}", file=sys.stderr, flush=True))
+    scheme = "int8" if args.scheme is None and not args.vision else args.scheme  # bare `quantize`: int8 weights
+    quantize_artifact(Path(args.dir), Path(args.out), scheme,
+                      log=lambda m: print(f"[quantize] {m}", file=sys.stderr, flush=True), vision=args.vision)
     return 0
 
 

@@ -49,3 +49,22 @@ def test_refuses_what_it_cannot_quantize(quantized, exported_factory, tmp_path, 
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.partial-*"))
     m = json.loads((quantized / "manifest.json").read_text())
     assert m["files"]["decoder_gqa.onnx.data"]["size"] == (quantized / "decoder_gqa.onnx.data").stat().st_size
+
+
+def test_vision_int8_compute(tiny, tmp_path):
+    """--vision: the image graphs quantized dynamically (int8 activations x int8 weights, MatMulInteger);
+    decoder_gqa untouched; the outputs' movement recorded; the artifact generates."""
+    out = tmp_path / "vision-int8"
+    assert main(["quantize", str(tiny.artifact), "--out", str(out), "--vision"]) == 0
+    vlm = VLM.load(out)
+    record = vlm.manifest.source["vision_quantization"]
+    assert record["graphs"] == ["vision", "projector"] and vlm.manifest.source.get("quantization") is None
+    assert vlm.manifest.validation["vision_int8"]["cosine"] > 0.99
+    for graph in ("vision", "projector"):
+        assert b"MatMulInteger" in (out / f"{graph}.onnx").read_bytes()
+    assert sha256_file(out / "decoder_gqa.onnx.data") == sha256_file(tiny.artifact / "decoder_gqa.onnx.data")
+    assert len(vlm.generate(PROMPT, [photo("coffee")], max_new_tokens=4, ignore_eos=True).token_ids) == 4
+    with pytest.raises(ArtifactError, match="already int8"):
+        from vlmdeploy.export.quantize import quantize_artifact
+
+        quantize_artifact(out, tmp_path / "again", None, vision=True)
