@@ -22,6 +22,9 @@ $(PY):
 # Runtime + exporter + test tools + video decoding (PyAV), at the versions in constraints.txt (CPU torch).
 setup: $(PY)
 	$(PIP) install -q -c constraints.txt -e '.[export,test,video,serve,ray]'
+	# Triton's model-config schema for the triton-repo test: tritonclient's generated protobuf module loads
+	# under our protobuf 7; its own pins (protobuf<7) would clash, and nothing else of it is used.
+	$(PIP) install -q -c constraints.txt --no-deps tritonclient
 
 # The torch-free runtime only.
 setup-runtime: $(PY)

@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the ONNX Runtime decoder")
     e.set_defaults(func=_export)
 
+    t = sub.add_parser("triton-repo", help="a Triton Inference Server model repository (Python backend, streaming)")
+    t.add_argument("dir", help="artifact directory")
+    t.add_argument("out", help="the model repository to write (Triton's --model-repository)")
+    t.add_argument("--name", help="model name (default: the artifact folder's name)")
+    t.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    t.add_argument("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores)")
+    t.set_defaults(func=_triton_repo)
+
     q = sub.add_parser("quantize", help="a copy of an artifact with decoder_gqa's weights int8/int4 (no re-export)")
     q.add_argument("dir", help="an exported fp32 artifact directory (left as it is)")
     q.add_argument("--out", required=True, help="where the quantized artifact is written")
@@ -117,6 +125,15 @@ def _export(args) -> int:
         print(f"vlmdeploy export: error: cannot write {args.out}: {e.strerror or e} ({type(e).__name__}); "
               "nothing was replaced", file=sys.stderr)
         return 2
+    return 0
+
+
+def _triton_repo(args) -> int:
+    from vlmdeploy.serve.triton import write_repository
+
+    model = write_repository(Path(args.dir), Path(args.out), args.name, args.instances, args.threads)
+    print(f"wrote {model} (config.pbtxt, 1/model.py, 1/artifact); serve it with "
+          f"tritonserver --model-repository {Path(args.out)}")
     return 0
 
 
