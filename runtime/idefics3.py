@@ -15,7 +15,8 @@ processors' image prompts are the same code):
                         each row, then ``\\n<fake_token_around_image><global-img>`` + ``<image>`` * image_seq_len +
                         ``<fake_token_around_image>``; an unsplit image is only the global part (no newlines).
 - ``patch_positions``   the patch mask and position ids Idefics3Model.get_image_features / Idefics3VisionEmbeddings
-                        compute from a pixel mask (unfold, bucketize), so the vision graph can take them as inputs.
+                        compute from a pixel mask (unfold, bucketize), so the vision graph can take them as inputs
+                        (``patch_position_ids`` is shared with Idefics2, whose patch mask rule differs).
 
 The connector (not here: the projector graph) is ``Idefics3Connector.pixel_shuffle`` (scale_factor =
 config.scale_factor, an int, 2 by default; SmolVLMConnector.pixel_shuffle is the same) then
@@ -254,20 +255,28 @@ def patch_positions(pixel_mask: np.ndarray, patch_size: int, num_patches_per_sid
                                                                                                   np.ndarray]:
     """Pixel masks [N, H, W] (nonzero = image) -> (patch_attention_mask [N, H/P, W/P] bool, position_ids
     [N, H/P * W/P] int64), as HF computes them: a patch is on when any of its pixels is (remainder rows and
-    columns dropped, as unfold); each image's on-patch count down its first column and along its first row
-    gives a step of 1/count; index * step, clamped below 1, is bucketized into num_patches_per_side
-    buckets (float32, as torch); off patches get position 0. ``num_patches_per_side`` is
+    columns dropped, as unfold); then ``patch_position_ids``. ``num_patches_per_side`` is
     vision_config.image_size // patch_size."""
-    patch_mask = _patch_mask(pixel_mask, patch_size)  # [N, h, w] bool
+    patch_mask = pixel_patches(pixel_mask, patch_size).any(axis=(2, 4))  # [N, h, w] bool
+    return patch_mask, patch_position_ids(patch_mask, num_patches_per_side)
+
+
+def patch_position_ids(patch_mask: np.ndarray, num_patches_per_side: int) -> np.ndarray:
+    """Patch masks [N, h, w] bool -> position ids [N, h * w] int64, as the Idefics2 / Idefics3 vision
+    embeddings compute them: each image's on-patch count down its first column and along its first row
+    gives a step of 1/count; index * step, clamped below 1, is bucketized into num_patches_per_side
+    buckets (float32, as torch); off patches get position 0."""
     side = _check_side(num_patches_per_side)
     boundaries = _torch_arange_f32(1 / side, 1.0, 1 / side)  # [side - 1]
     rows = _buckets(patch_mask[:, :, 0].sum(1), patch_mask.shape[1], boundaries)  # [N, h]
     cols = _buckets(patch_mask[:, 0, :].sum(1), patch_mask.shape[2], boundaries)  # [N, w]
     ids = rows[:, :, None] * side + cols[:, None, :]  # [N, h, w]
-    return patch_mask, np.where(patch_mask, ids, 0).reshape(len(ids), -1)
+    return np.where(patch_mask, ids, 0).reshape(len(ids), -1)
 
 
-def _patch_mask(pixel_mask: Any, patch_size: int) -> np.ndarray:
+def pixel_patches(pixel_mask: Any, patch_size: int) -> np.ndarray:
+    """Pixel masks [N, H, W] -> [N, H/P, P, W/P, P] bool (nonzero = on), remainder rows and columns dropped
+    as torch's unfold drops them."""
     mask = np.asarray(pixel_mask)
     if mask.ndim != 3 or mask.dtype.kind not in "biu":
         raise ValueError(f"pixel_mask must be [images, height, width] of integers or booleans, got {mask.dtype} "
@@ -276,8 +285,7 @@ def _patch_mask(pixel_mask: Any, patch_size: int) -> np.ndarray:
     ph, pw = h // patch_size, w // patch_size
     if ph < 1 or pw < 1:
         raise ValueError(f"pixel_mask of {w}x{h} pixels is smaller than one {patch_size}-pixel patch")
-    blocks = mask[:, :ph * patch_size, :pw * patch_size].reshape(n, ph, patch_size, pw, patch_size)
-    return (blocks != 0).any(axis=(2, 4))  # [N, ph, pw]
+    return mask[:, :ph * patch_size, :pw * patch_size].reshape(n, ph, patch_size, pw, patch_size) != 0
 
 
 def _buckets(counts: np.ndarray, length: int, boundaries: np.ndarray) -> np.ndarray:
