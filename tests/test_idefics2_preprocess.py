@@ -311,6 +311,25 @@ def test_patch_inputs_for_real_images():
     assert not patch_mask.all()
 
 
+def test_patch_inputs_for_a_real_geometry():
+    """idefics2-8b: 980-pixel tower of 14-pixel patches (70 buckets a side), images 378..980 a side padded to
+    the batch's largest: positions spread each image over all 70 buckets."""
+    masks = _masks(980, 742, [(378, 378), (378, 742), (980, 640)])
+    want_mask, want_ids, _ = _hf_patch_inputs(masks, image_size=980, patch_size=14)
+    patch_mask, ids = patch_inputs(masks, 14, 70)
+    assert np.array_equal(patch_mask, want_mask) and np.array_equal(ids, want_ids)
+    assert list(ids[0, :3]) == [0, 2, 5]  # a 27 x 27 image spread over 70 buckets: k * 70 // 27, not k
+
+
+def test_no_pad_single_image_equals_hf():
+    """do_pad off: HF returns no pixel_attention_mask (the model then takes every pixel); the pixels are ours."""
+    hf = Idefics2ImageProcessorPil(do_pad=False)
+    want = hf(PHOTOS["portrait"], return_tensors="np")
+    ours = preprocess_image(PHOTOS["portrait"], Idefics2Params.from_hf(hf.to_dict()))
+    assert "pixel_attention_mask" not in want and ours.pixel_mask.all()
+    _assert_same(ours.pixels, want["pixel_values"][0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs and errors
 
