@@ -10,6 +10,7 @@ from .recipes import RecipeError
 # HF architecture -> module in vlmdeploy.export (its FAMILY object)
 FAMILIES = {
     "Blip2ForConditionalGeneration": "blip2",
+    "Idefics2ForConditionalGeneration": "idefics2",
     "Idefics3ForConditionalGeneration": "idefics3",
     "InternVLForConditionalGeneration": "internvl",
     "SmolVLMForConditionalGeneration": "idefics3",

@@ -7,6 +7,7 @@ Qwen2, Gemma, Phi-3) and the vision tower (CLIP, SigLIP, DINOv2), each with its 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -302,6 +303,34 @@ def build_tiny_idefics3(cfg: TinyConfig):
     return model, processor
 
 
+def build_tiny_idefics2(cfg: TinyConfig):
+    """Idefics2: a SigLIP-like ViT, an MLP + perceiver resampler with `num_query_tokens` latents, Mistral;
+    images resized to 1..2 x image_size on their longest edge and padded (pixel masks)."""
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(cfg.vocab_size, specials=(*IDEFICS3_SPECIALS[:3], "<end_of_utterance>"))
+    vision = dict(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+                  num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                  initializer_range=0.1)
+    perceiver = dict(hidden_act="silu", hidden_size=cfg.text_hidden, rms_norm_eps=1e-6, resampler_n_latents=cfg.num_query_tokens,
+                     resampler_depth=2, resampler_n_heads=cfg.text_heads, resampler_head_dim=cfg.text_hidden // cfg.text_heads,
+                     num_key_value_heads=cfg.text_kv_heads, initializer_range=0.1)
+    text = text_config(dataclasses.replace(cfg, text_model="mistral"), tokenizer.pad_token_id).to_dict()
+    config = transformers.Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text,
+                                         image_token_id=tokenizer.convert_tokens_to_ids(IDEFICS3_SPECIALS[0]))
+    torch.manual_seed(cfg.seed)
+    model = transformers.Idefics2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF's init leaves the latents at zero-ish: every image would read alike
+        model.model.connector.perceiver_resampler.latents.normal_(0, 1)
+    eos = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, tokenizer.pad_token_id
+    image = transformers.Idefics2ImageProcessor(size={"shortest_edge": cfg.patch_size * 2, "longest_edge": 2 * cfg.image_size},
+                                                do_image_splitting=cfg.do_image_splitting)
+    processor = transformers.Idefics2Processor(image, tokenizer, image_seq_len=cfg.num_query_tokens,
+                                               chat_template=IDEFICS3_CHAT_TEMPLATE)
+    return model, processor
+
+
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
     import transformers
@@ -316,6 +345,8 @@ def build_tiny_model(cfg: TinyConfig):
         return build_tiny_internvl(cfg)
     if cfg.family in ("idefics3", "smolvlm"):
         return build_tiny_idefics3(cfg)
+    if cfg.family == "idefics2":
+        return build_tiny_idefics2(cfg)
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:

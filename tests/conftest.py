@@ -53,6 +53,9 @@ QWEN_VARIANTS = {
 }
 # The projector zoo and video families (tests/test_<family>.py)
 ZOO_VARIANTS = {
+    # Idefics2 (tests/test_idefics2.py): a ViT of 28-px images (4x4 patches), an MLP + 2-layer perceiver
+    # with 4 latents per crop, Mistral; images split into 4 crops + the whole image, padded with pixel masks
+    "idefics2": TinyConfig(seed=28, family="idefics2", image_size=28, patch_size=7, vocab_size=300, num_query_tokens=4),
     # Idefics3 / SmolVLM (tests/test_idefics3.py): a ViT of 28-px tiles (4x4 patches, 4 tokens after the
     # shuffle), images split up to 3x3 + a global tile, Llama
     "idefics3": TinyConfig(seed=26, family="idefics3", image_size=28, patch_size=7, vocab_size=400),

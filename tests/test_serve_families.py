@@ -17,7 +17,7 @@ from vlmdeploy.serve.engine import Engine
 from vlmdeploy.serve.prepare import PromptBuilder
 
 TINY = {**conftest.VARIANTS, **conftest.FAMILY_VARIANTS, **conftest.QWEN_VARIANTS, **conftest.ZOO_VARIANTS}
-FAMILIES = ["llava_next-llama-clip", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_onevision", "idefics3"]
+FAMILIES = ["llava_next-llama-clip", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_onevision", "idefics3", "idefics2"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

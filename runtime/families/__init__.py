@@ -13,6 +13,7 @@ from ..manifest import ArtifactError
 # family name (manifest.model.family) -> module in vlmdeploy.runtime.families
 FAMILIES = {
     "blip2": "blip2",
+    "idefics2": "idefics2",
     "idefics3": "idefics3",
     "internvl": "internvl",
     "llava": "llava",
