@@ -147,7 +147,6 @@ class Idefics2Export(LlavaStyleExport):
 
         if graph == "vision":
             def run(feeds):
-                side = model.config.vision_config.image_size // model.config.vision_config.patch_size
                 n = feeds["pixel_values"].shape[0]
                 h = w = feeds["pixel_values"].shape[-1] // model.config.vision_config.patch_size
                 mask = torch.from_numpy(feeds["patch_mask"]).bool().reshape(n, h, w)
