@@ -34,7 +34,7 @@ from PIL import Image
 
 from .idefics3 import patch_position_ids, pixel_patches
 from .images import (HF_COMMON_FIELDS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, NOT_COMMON, ImageError,
-                     coerce_common_field, hf_common_fields, to_rgb)
+                     coerce_common_field, hf_common_fields, hf_normalized, rgb_pixels)
 
 Pair = tuple[int, int]
 
@@ -178,11 +178,11 @@ class Idefics2Image:
 
 def preprocess_image(image: Image.Image, p: Idefics2Params) -> Idefics2Image:
     """One PIL image -> Idefics2Image."""
-    pixels = _rgb(image, p)  # [H, W, 3] uint8
+    pixels = rgb_pixels(image, p.do_convert_rgb)  # [H, W, 3] uint8
     crops = _split(pixels) if p.do_image_splitting else [pixels]
     if p.do_resize:
         crops = [_resize(c, p.resized_size(c.shape[:2]), p.resample) for c in crops]
-    normalized = [_normalized(c, p) for c in crops]  # [3, h_i, w_i] float32 each
+    normalized = [hf_normalized(c.transpose(2, 0, 1), p) for c in crops]  # [3, h_i, w_i] float32 each
     return Idefics2Image(*_pad(normalized, _max_size(c.shape[1:] for c in normalized)))
 
 
@@ -232,27 +232,6 @@ def _resize(pixels: np.ndarray, size: Pair, resample: int) -> np.ndarray:
     """[H, W, 3] uint8 -> [h, w, 3] uint8 with Pillow (HF's PIL backend; same size: a copy)."""
     h, w = size
     return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize((w, h), resample=resample))
-
-
-def _normalized(crop: np.ndarray, p: Idefics2Params) -> np.ndarray:
-    """[h, w, 3] uint8 -> [3, h, w] float32: HF's numpy arithmetic (float64 rescale cast to float32,
-    float32 normalize)."""
-    x = crop.transpose(2, 0, 1)
-    x = (x.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else x.astype(np.float32)
-    if p.do_normalize:
-        mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
-        x = (x - mean[:, None, None]) / std[:, None, None]
-    return x
-
-
-def _rgb(image: Any, p: Idefics2Params) -> np.ndarray:
-    if not isinstance(image, Image.Image):
-        raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__} (use load_image() for paths)")
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"image is empty ({image.width}x{image.height} pixels)")
-    if not p.do_convert_rgb and image.mode != "RGB":
-        raise ImageError(f"image has mode {image.mode!r} but do_convert_rgb is off; only RGB is allowed")
-    return np.asarray(to_rgb(image) if p.do_convert_rgb else image)
 
 
 # ---------------------------------------------------------------------------------------------

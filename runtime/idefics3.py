@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .images import (HF_COMMON_FIELDS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, NOT_COMMON, ImageError,
-                     coerce_common_field, hf_common_fields, to_rgb)
+                     coerce_common_field, hf_common_fields, hf_normalized, rgb_pixels)
 
 Pair = tuple[int, int]
 
@@ -199,12 +199,12 @@ class Idefics3Image:
 
 def preprocess_image(image: Image.Image, p: Idefics3Params) -> Idefics3Image:
     """One PIL image -> Idefics3Image."""
-    pixels = _rgb(image, p)  # [H, W, 3] uint8
+    pixels = rgb_pixels(image, p.do_convert_rgb)  # [H, W, 3] uint8
     if p.do_resize:
         pixels = _resize(pixels, p.resized_size(pixels.shape[:2]), p.resample)
     tiles, grid = _split(pixels, p) if p.do_image_splitting else ([_resize(pixels, (p.tile, p.tile), p.resample)],
                                                                   (0, 0))
-    out = np.stack([_normalized(t, p) for t in tiles])  # [n, 3, tile, tile]
+    out = np.stack([hf_normalized(t.transpose(2, 0, 1), p) for t in tiles])  # [n, 3, tile, tile]
     return Idefics3Image(out, np.ones((len(out), p.tile, p.tile), np.int64), grid)
 
 
@@ -224,27 +224,6 @@ def _resize(pixels: np.ndarray, size: Pair, resample: int) -> np.ndarray:
     """[H, W, 3] uint8 -> [h, w, 3] uint8 with Pillow (HF's PIL backend; same size: a copy)."""
     h, w = size
     return np.asarray(Image.fromarray(pixels).resize((w, h), resample=resample))
-
-
-def _normalized(tile: np.ndarray, p: Idefics3Params) -> np.ndarray:
-    """[t, t, 3] uint8 -> [3, t, t] float32: HF's numpy arithmetic (float64 rescale cast to float32,
-    float32 normalize)."""
-    x = tile.transpose(2, 0, 1)
-    x = (x.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else x.astype(np.float32)
-    if p.do_normalize:
-        mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
-        x = (x - mean[:, None, None]) / std[:, None, None]
-    return x
-
-
-def _rgb(image: Any, p: Idefics3Params) -> np.ndarray:
-    if not isinstance(image, Image.Image):
-        raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__} (use load_image() for paths)")
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"image is empty ({image.width}x{image.height} pixels)")
-    if not p.do_convert_rgb and image.mode != "RGB":
-        raise ImageError(f"image has mode {image.mode!r} but do_convert_rgb is off; only RGB is allowed")
-    return np.asarray(to_rgb(image) if p.do_convert_rgb else image)
 
 
 # ---------------------------------------------------------------------------------------------

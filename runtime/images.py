@@ -445,6 +445,32 @@ def coerce_common_field(name: str, value: Any, flags: tuple[str, ...] = ()) -> A
     return NOT_COMMON
 
 
+def rgb_pixels(image: Any, do_convert_rgb: bool = True) -> np.ndarray:
+    """A PIL image -> [H, W, 3] uint8 (converted to RGB as HF does, or refused when conversion is off)."""
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__} (use load_image() for paths)")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"image is empty ({image.width}x{image.height} pixels)")
+    if not do_convert_rgb and image.mode != "RGB":
+        raise ImageError(f"image has mode {image.mode!r} but do_convert_rgb is off; only RGB is allowed")
+    return np.asarray(to_rgb(image) if do_convert_rgb else image)
+
+
+def hf_normalized(pixels: np.ndarray, p, backend: str = "pil") -> np.ndarray:
+    """[3, h, w] uint8 -> float32 rescaled and normalized with `p`'s do_rescale / rescale_factor /
+    do_normalize / image_mean / image_std, in the arithmetic of HF's backend: "pil" rescales in float64
+    cast to float32, then normalizes in float32; "torchvision" folds the rescale into mean and std."""
+    mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (p.image_mean, p.image_std))  # [3, 1, 1]
+    if backend == "pil":
+        x = (pixels.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else pixels.astype(np.float32)
+        return (x - mean) / std if p.do_normalize else x
+    x = pixels.astype(np.float32)
+    if p.do_normalize:
+        unscale = np.float32(1.0 / p.rescale_factor if p.do_rescale else 1.0)
+        return (x - mean * unscale) / (std * unscale)
+    return x * np.float32(p.rescale_factor) if p.do_rescale else x
+
+
 def check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from .images import (HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
-                     hf_common_fields, to_rgb)
+                     hf_common_fields, hf_normalized, rgb_pixels)
 from .resize_aa import resize_uint8_aa
 
 Pair = tuple[int, int]
@@ -200,12 +200,12 @@ def preprocess_video(frames: np.ndarray | list[Image.Image], p: InternVLParams) 
     if p.image_backend != "torchvision" or p.crop_to_patches:
         raise ValueError("video frames are preprocessed as torchvision does, one tile each: use params from "
                          "InternVLParams.from_hf_video (image_backend 'torchvision', crop_to_patches off)")
-    return np.stack([_normalized(_whole(f, p), p) for f in _frames(frames, p)])  # [F, 3, th, tw]
+    return np.stack([hf_normalized(_whole(f, p).transpose(2, 0, 1), p, p.image_backend) for f in _frames(frames, p)])  # [F, 3, th, tw]
 
 
 def _frames(frames: Any, p: InternVLParams) -> list[np.ndarray]:
     if isinstance(frames, (list, tuple)) and frames:
-        return [_rgb(f, p) for f in frames]
+        return [rgb_pixels(f, p.do_convert_rgb) for f in frames]
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         what = f"{frames.dtype} {list(frames.shape)}" if isinstance(frames, np.ndarray) else type(frames).__name__
         raise ImageError(f"a video is a uint8 array [frames, height, width, 3] (RGB) or a non-empty list of PIL "
@@ -222,9 +222,9 @@ def _frames(frames: Any, p: InternVLParams) -> list[np.ndarray]:
 def preprocess_image(image: Image.Image, p: InternVLParams) -> np.ndarray:
     """One PIL image -> pixel_values [tiles, 3, tile_h, tile_w] float32 (tiles row-major, then the
     thumbnail), HF's pixel_values for this image."""
-    pixels = _rgb(image, p)  # [H, W, 3] uint8
+    pixels = rgb_pixels(image, p.do_convert_rgb)  # [H, W, 3] uint8
     tiles = _tiles(pixels, p) if p.tiles_on else [_whole(pixels, p)]
-    return np.stack([_normalized(t, p) for t in tiles])  # [n, 3, th, tw]
+    return np.stack([hf_normalized(t.transpose(2, 0, 1), p, p.image_backend) for t in tiles])  # [n, 3, th, tw]
 
 
 def _tiles(pixels: np.ndarray, p: InternVLParams) -> list[np.ndarray]:
@@ -262,35 +262,6 @@ def _tv_resize(pixels: np.ndarray, size: Pair, resample: int) -> np.ndarray:
 
 def _resizer(backend: str):
     return _tv_resize if backend == "torchvision" else _pil_resize
-
-
-def _normalized(tile: np.ndarray, p: InternVLParams) -> np.ndarray:
-    """[th, tw, 3] uint8 -> [3, th, tw] float32 with the backend's arithmetic."""
-    x = tile.transpose(2, 0, 1)
-    if p.image_backend == "pil":  # float64 rescale cast to float32, float32 normalize
-        x = (x.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else x.astype(np.float32)
-        if p.do_normalize:
-            x = (x - _column(p.image_mean)) / _column(p.image_std)
-        return x
-    x = x.astype(np.float32)  # torchvision: rescale fused into mean and std
-    if p.do_normalize:
-        unscale = np.float32(1.0 / p.rescale_factor if p.do_rescale else 1.0)
-        return (x - _column(p.image_mean) * unscale) / (_column(p.image_std) * unscale)
-    return x * np.float32(p.rescale_factor) if p.do_rescale else x
-
-
-def _column(values: tuple[float, float, float]) -> np.ndarray:
-    return np.asarray(values, np.float32)[:, None, None]  # [3, 1, 1]
-
-
-def _rgb(image: Any, p: InternVLParams) -> np.ndarray:
-    if not isinstance(image, Image.Image):
-        raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__} (use load_image() for paths)")
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"image is empty ({image.width}x{image.height} pixels)")
-    if not p.do_convert_rgb and image.mode != "RGB":
-        raise ImageError(f"image has mode {image.mode!r} but do_convert_rgb is off; only RGB is allowed")
-    return np.asarray(to_rgb(image) if p.do_convert_rgb else image)
 
 
 # ---------------------------------------------------------------------------------------------

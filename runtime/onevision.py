@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import anyres
 from .images import (HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
-                     hf_common_fields, to_rgb)
+                     hf_common_fields, hf_normalized, rgb_pixels, to_rgb)
 from .resize_aa import resize_uint8_aa
 
 Pair = tuple[int, int]
@@ -204,12 +204,12 @@ class OnevisionImage:
 def preprocess_image(image: Image.Image, p: OnevisionImageParams, multi_image: bool = False) -> OnevisionImage:
     """One PIL image -> OnevisionImage. ``multi_image``: the image shares its prompt with others (HF's
     batch_num_images > 1): one tile, padded to a square with the mean colour, no grid."""
-    pixels = _rgb(image, p)  # [h, w, 3] uint8
+    pixels = rgb_pixels(image, p.do_convert_rgb)  # [h, w, 3] uint8
     if multi_image:
         tiles, grid = [_square_tile(pixels, p)], None
     else:
         tiles, grid = anyres.image_tiles(pixels, p.anyres, _resizer(p.image_backend)), p.grid(pixels.shape[:2])
-    out = np.stack([_normalized(t, p) for t in tiles])  # [n, 3, S, S]
+    out = np.stack([hf_normalized(t.transpose(2, 0, 1), p, p.image_backend) for t in tiles])  # [n, 3, S, S]
     return OnevisionImage(out, pixels.shape[:2], grid)
 
 
@@ -232,43 +232,6 @@ def _square_tile(pixels: np.ndarray, p: OnevisionImageParams) -> np.ndarray:
 
 def _resizer(backend: str):
     return resize_uint8_aa if backend == "torchvision" else anyres._pil_resize
-
-
-def _normalized(tile: np.ndarray, p) -> np.ndarray:
-    """[S, S, 3] uint8 -> [3, S, S] float32 with the backend's arithmetic."""
-    x = tile.transpose(2, 0, 1)
-    if p.image_backend == "pil":
-        return _pil_normalized(x, p)
-    return _tv_normalized(x, p)
-
-
-def _pil_normalized(x: np.ndarray, p) -> np.ndarray:
-    """HF's numpy arithmetic: rescale in float64 cast to float32, normalize in float32."""
-    x = (x.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else x.astype(np.float32)
-    if p.do_normalize:
-        mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
-        x = (x - mean[:, None, None]) / std[:, None, None]
-    return x
-
-
-def _tv_normalized(x: np.ndarray, p) -> np.ndarray:
-    """HF's torchvision arithmetic: rescale fused into mean/std (mean / rescale_factor, ...), float32."""
-    x = x.astype(np.float32)
-    if p.do_normalize:
-        unscale = np.float32(1.0 / p.rescale_factor if p.do_rescale else 1.0)
-        mean = (np.asarray(p.image_mean, np.float32) * unscale)[:, None, None]
-        return (x - mean) / (np.asarray(p.image_std, np.float32) * unscale)[:, None, None]
-    return x * np.float32(p.rescale_factor) if p.do_rescale else x
-
-
-def _rgb(image: Any, p: OnevisionImageParams) -> np.ndarray:
-    if not isinstance(image, Image.Image):
-        raise ImageError(f"expected a PIL.Image.Image, got {type(image).__name__} (use load_image() for paths)")
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"image is empty ({image.width}x{image.height} pixels)")
-    if not p.do_convert_rgb and image.mode != "RGB":
-        raise ImageError(f"image has mode {image.mode!r} but do_convert_rgb is off; only RGB is allowed")
-    return np.asarray(to_rgb(image) if p.do_convert_rgb else image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +354,7 @@ def preprocess_video(frames: np.ndarray | Sequence[Image.Image], p: OnevisionVid
     out = np.empty((len(frames), 3, p.size, p.size), np.float32)
     for i, frame in enumerate(frames):
         x = resize_uint8_aa(frame, (p.size, p.size), p.resample) if p.do_resize else frame
-        out[i] = _tv_normalized(x.transpose(2, 0, 1), p)
+        out[i] = hf_normalized(x.transpose(2, 0, 1), p, "torchvision")
     return out
 
 
