@@ -14,7 +14,7 @@ MODEL_PATH ?=
 
 EXPORT_MODEL := $(if $(MODEL_PATH),$(MODEL_PATH),$(MODEL))
 
-.PHONY: setup setup-runtime export run check demo test fuzz bench clean train-shapes eval-shapes plan serve bench-serve
+.PHONY: setup setup-runtime export run check demo test fuzz bench clean train-shapes eval-shapes plan bigckpt serve bench-serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ eval-shapes: setup
 	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes-fp16 --dtype fp16
 	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes-int8 --dtype fp32 --quantize int8
 	$(VENV)/bin/vlmdeploy eval artifacts/shapes artifacts/shapes-fp16 artifacts/shapes-int8 --torch models/shapes --n $(N)
+
+# A seeded random fp16 checkpoint with a recipe's real shapes (RECIPE=llava: LLaVA-1.5-7B, 14 GB;
+# llava-13b: 27 GB), written one shard at a time: `make bigckpt OUT=/data/llava-7b-random`.
+RECIPE ?= llava
+bigckpt: setup
+	$(PY) -m vlmdeploy.export.bigckpt --recipe $(RECIPE) --out $(OUT)
 
 # Memory table for MODEL (a recipe or checkpoint dir; no weights needed for llava / llava-13b).
 plan:
