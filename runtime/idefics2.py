@@ -26,14 +26,14 @@ attention mask, flattened: ``connector(image_hidden_states, attention_mask=patch
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .idefics3 import patch_position_ids, pixel_patches
-from .images import (HF_COMMON_FIELDS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, NOT_COMMON, ImageError,
+from .images import (ProcessorParams, HF_COMMON_FIELDS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, NOT_COMMON, ImageError,
                      coerce_common_field, hf_common_fields, hf_normalized, rgb_pixels)
 
 Pair = tuple[int, int]
@@ -44,7 +44,7 @@ SPLIT_CROPS = 5  # 4 quarters + the whole image
 
 
 @dataclass(frozen=True)
-class Idefics2Params:
+class Idefics2Params(ProcessorParams):
     """An Idefics2 image processor's settings (defaults: transformers 5.24's class defaults), the
     processor's image_seq_len and its two image tokens."""
 
@@ -81,15 +81,7 @@ class Idefics2Params:
             _check_model(params, model_config)
         return params
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Idefics2Params:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Idefics2Params keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
-        return cls(**d)
 
     # -- sizes (no pixels needed: the planner uses these) --------------------------------------
 

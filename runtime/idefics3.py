@@ -26,13 +26,13 @@ config.scale_factor, an int, 2 by default; SmolVLMConnector.pixel_shuffle is the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .images import (HF_COMMON_FIELDS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, NOT_COMMON, ImageError,
+from .images import (ProcessorParams, HF_COMMON_FIELDS, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, NOT_COMMON, ImageError,
                      coerce_common_field, hf_common_fields, hf_normalized, rgb_pixels)
 
 Pair = tuple[int, int]
@@ -43,7 +43,7 @@ IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<image>", "<fake_token_arou
 
 
 @dataclass(frozen=True)
-class Idefics3Params:
+class Idefics3Params(ProcessorParams):
     """An Idefics3 / SmolVLM image processor's settings (class defaults: transformers 5.24's; the two
     classes share them), the processor's image_seq_len and the image tokens.
 
@@ -86,15 +86,7 @@ class Idefics3Params:
             _check_model(params, model_config)
         return params
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Idefics3Params:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Idefics3Params keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
-        return cls(**d)
 
     # -- sizes (no pixels needed: the planner uses these) --------------------------------------
 

@@ -445,6 +445,30 @@ def coerce_common_field(name: str, value: Any, flags: tuple[str, ...] = ()) -> A
     return NOT_COMMON
 
 
+class ProcessorParams:
+    """Mixin for a frozen dataclass of processor parameters stored in the manifest: `to_dict` gives
+    JSON types (tuples as lists), `from_dict` reads it back and names unknown keys."""
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {allowed}")
+        return cls(**d)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
 def rgb_pixels(image: Any, do_convert_rgb: bool = True) -> np.ndarray:
     """A PIL image -> [H, W, 3] uint8 (converted to RGB as HF does, or refused when conversion is off)."""
     if not isinstance(image, Image.Image):

@@ -24,13 +24,13 @@ InternVLModel.get_image_features drops the CLS token, reshapes to a square map, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .images import (HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
+from .images import (ProcessorParams, HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
                      hf_common_fields, hf_normalized, rgb_pixels)
 from .resize_aa import resize_uint8_aa
 
@@ -44,7 +44,7 @@ START_IMAGE_TOKEN, END_IMAGE_TOKEN, CONTEXT_IMAGE_TOKEN = "<img>", "</img>", "<I
 
 
 @dataclass(frozen=True)
-class InternVLParams:
+class InternVLParams(ProcessorParams):
     """A GotOcr2 image processor's settings (class defaults: transformers 5.24's), InternVLProcessor's
     image_seq_length and the image tokens.
 
@@ -115,15 +115,7 @@ class InternVLParams:
                             special_tokens=special_tokens)
         return cls.from_dict({**image.to_dict(), "crop_to_patches": False})
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> InternVLParams:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown InternVLParams keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
-        return cls(**d)
 
     @property
     def tiles_on(self) -> bool:

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from . import anyres
-from .images import (HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
+from .images import (ProcessorParams, HF_COMMON_FIELDS, NOT_COMMON, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageError, coerce_common_field,
                      hf_common_fields, hf_normalized, rgb_pixels, to_rgb)
 from .resize_aa import resize_uint8_aa
 
@@ -47,7 +47,7 @@ BACKENDS = ("pil", "torchvision")
 
 
 @dataclass(frozen=True)
-class OnevisionImageParams:
+class OnevisionImageParams(ProcessorParams):
     """A LLaVA-OneVision image processor's settings (class defaults: transformers 5.24's) plus the
     model's ``vision_aspect_ratio`` and the vision tower's patch size.
 
@@ -101,13 +101,7 @@ class OnevisionImageParams:
         _check_model(params, ip, processor, model_config, vision)
         return params
 
-    def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> OnevisionImageParams:
-        _check_keys(cls, d)
-        return cls(**d)
 
     @property
     def tokens_side(self) -> int:
@@ -142,7 +136,7 @@ class OnevisionImageParams:
 
 
 @dataclass(frozen=True)
-class OnevisionVideoParams:
+class OnevisionVideoParams(ProcessorParams):
     """A LlavaOnevisionVideoProcessor's settings (class defaults: transformers 5.24's). Frames are
     squashed to ``size`` x ``size`` (no aspect kept) by torchvision's resize."""
 
@@ -171,13 +165,7 @@ class OnevisionVideoParams:
             raise ValueError(f"video_processor_type {kind!r} is not LLaVA-OneVision's; allowed: {HF_VIDEO_TYPES}")
         return cls(size=_hf_tile(vp.get("size"), vp.get("crop_size"), vp.get("do_center_crop")), **_hf_common(vp, cls))
 
-    def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> OnevisionVideoParams:
-        _check_keys(cls, d)
-        return cls(**d)
 
 
 def max_patches(vision_aspect_ratio: str) -> int:
@@ -413,20 +401,6 @@ def _pinpoints(value: Any) -> tuple[Pair, ...]:
         raise ValueError(f"grid_pinpoints must be a non-empty list of (height, width), got {value!r}")
     return tuple(tuple(int(v) for v in pp) if isinstance(pp, (list, tuple)) and len(pp) == 2 else pp
                  for pp in value)
-
-
-def _check_keys(cls, d: dict) -> None:
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def _image_dict(image_processor: Any) -> dict:
