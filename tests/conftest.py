@@ -136,3 +136,21 @@ def both_decoders(exp):
     decoders = VLM.load(exp.artifact, verify=False).facts.pipeline["decoders"]
     assert decoders == ["decoder_gqa", "decoder"]
     return [VLM.load(exp.artifact, decoder=d) for d in decoders]
+
+
+def hf_generate_greedy(model, inputs, max_new_tokens: int) -> list[list[int]]:
+    """HF `generate`, greedy, EOS off: each row's new tokens."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
+    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1]:]]
+
+
+def hf_generate_batch(exp, prompts, images, max_new_tokens: int, nested: bool = True) -> list[list[int]]:
+    """HF batch generate through the checkpoint's processor, left padding. `images`: one list per prompt;
+    `nested`: passed as such (a prompt's images are one sample), else flattened in order."""
+    exp.processor.tokenizer.padding_side = "left"
+    given = (images if any(images) else None) if nested else ([i for row in images for i in row] or None)
+    inputs = exp.processor(text=prompts, images=given, return_tensors="pt", padding=True)
+    return hf_generate_greedy(exp.model, inputs, max_new_tokens)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import both_decoders, photo
+from conftest import both_decoders, hf_generate_batch, photo
 from vlmdeploy.runtime.vlm import VLM
 
 NEW_TOKENS = 16
@@ -27,11 +27,7 @@ def exp(exported_factory):
 
 
 def hf_generate(exp, prompts, images):
-    exp.processor.tokenizer.padding_side = "left"
-    inputs = exp.processor(text=prompts, images=images if any(images) else None, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = exp.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
-    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1]:]]
+    return hf_generate_batch(exp, prompts, images, NEW_TOKENS, nested=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import both_decoders, photo
+from conftest import both_decoders, hf_generate_batch, hf_generate_greedy, photo
 from vlmdeploy.runtime import onevision as ov
 from vlmdeploy.runtime.vlm import VLM
 
@@ -36,19 +36,13 @@ def images_two():
     return [photo("chelsea", (150, 100)), photo("astronaut", (60, 130))]
 
 
-def hf_generate(exp, prompts, images, **extra):
-    """HF batch generate; images nested per prompt (a prompt's images are one multi-image sample)."""
-    processor, model = exp.processor, exp.model
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=prompts, images=images if any(images) else None, return_tensors="pt", padding=True)
-    return _generate(model, {**inputs, **extra})
+def hf_generate(exp, prompts, images):
+    """Images nested per prompt (a prompt's images are one multi-image sample)."""
+    return hf_generate_batch(exp, prompts, images, NEW_TOKENS)
 
 
 def _generate(model, inputs):
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1]:]]
+    return hf_generate_greedy(model, inputs, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("case", ["photo", "two images", "text only"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QWEN_VARIANTS, both_decoders, noise_image, photo
+from conftest import QWEN_VARIANTS, both_decoders, hf_generate_batch, hf_generate_greedy, noise_image, photo
 from vlmdeploy.runtime.vlm import VLM, PromptError
 
 NEW_TOKENS = 20
@@ -47,19 +47,11 @@ def qwen(request, exported_factory):
 
 
 def hf_generate(exp, prompts, images):
-    """HF batch generate through its processor (left padding), greedy, EOS off."""
-    processor, model = exp.processor, exp.model
-    processor.tokenizer.padding_side = "left"
-    flat = [i for row in images for i in row] or None
-    inputs = processor(images=flat, text=prompts, return_tensors="pt", padding=True)
-    return _generate(model, inputs)
+    return hf_generate_batch(exp, prompts, images, NEW_TOKENS, nested=False)
 
 
 def _generate(model, inputs):
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return [row.tolist() for row in out[:, inputs["input_ids"].shape[1]:]]
+    return hf_generate_greedy(model, inputs, NEW_TOKENS)
 
 
 def test_two_images_of_different_sizes_equal_hf(qwen):
