@@ -16,6 +16,8 @@ from .recipes import TinyConfig
 from .tiny_tokenizer import (IDEFICS3_CHAT_TEMPLATE, IDEFICS3_SPECIALS, INTERNVL_CHAT_TEMPLATE, INTERNVL_NAMED, INTERNVL_SPECIALS, LLAVA_CHAT_TEMPLATE,
                              ONEVISION_CHAT_TEMPLATE, ONEVISION_SPECIALS, QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer)
 
+MLLAMA_SPECIALS = ("<|image|>", "<pad>")  # mllama's image token; the pad token
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
