@@ -61,7 +61,7 @@ class LlavaStyleExport:
             bos_token=tokenizer.bos_token,
             eos_token=tokenizer.eos_token,
             context_length=context,
-            kv_layers=c.kv_layers(text),
+            kv_layers=self.kv_layers(text),
             family_params={**tokens, **self.feature_params(cfg)},
             positions="cumsum",
             pipeline=dict(DEFAULT_PIPELINE),
@@ -70,6 +70,10 @@ class LlavaStyleExport:
             limits={"seq": context, "total": context, "capacity": context, "past": context - 1,
                     "batch": None, "num_images": None, "rows_per_image": self.rows_per_image(preprocess)},
         )
+
+    def kv_layers(self, text) -> tuple:
+        """The context cache's layers (manifest kv_layers: one per decoder KV input pair)."""
+        return c.kv_layers(text)
 
     def feature_params(self, cfg) -> dict:
         """Which vision hidden states feed the projector (family_params; LLaVA's config fields)."""

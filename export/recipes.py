@@ -53,7 +53,7 @@ class TinyConfig:
     do_image_splitting: bool = True  # idefics2: 4 crops + the whole image
 
     def __post_init__(self):
-        allowed = {"family": ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip2", "internvl", "idefics3", "smolvlm", "idefics2"), "text_model": ("llama", "mistral", "qwen2", "gemma", "phi3", "opt"),
+        allowed = {"family": ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip2", "internvl", "idefics3", "smolvlm", "idefics2", "mllama"), "text_model": ("llama", "mistral", "qwen2", "gemma", "phi3", "opt"),
                    "vision_model": ("clip", "siglip", "dinov2")}
         for name, options in allowed.items():
             if getattr(self, name) not in options:
@@ -130,7 +130,7 @@ class Architecture:
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
-        allowed = {"family": ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip2", "internvl", "idefics3", "smolvlm", "idefics2"), "text_model": tuple(_TEXT_DEFAULTS),
+        allowed = {"family": ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip2", "internvl", "idefics3", "smolvlm", "idefics2", "mllama"), "text_model": tuple(_TEXT_DEFAULTS),
                    "vision_model": ("clip", "siglip", "dinov2")}
         for name, options in allowed.items():
             if getattr(self, name) not in options:

@@ -17,6 +17,7 @@ from .tiny_tokenizer import (IDEFICS3_CHAT_TEMPLATE, IDEFICS3_SPECIALS, INTERNVL
                              ONEVISION_CHAT_TEMPLATE, ONEVISION_SPECIALS, QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer)
 
 MLLAMA_SPECIALS = ("<|image|>", "<pad>")  # mllama's image token; the pad token
+MLLAMA_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace("<image>\n", "<|image|>")
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -333,6 +334,38 @@ def build_tiny_idefics2(cfg: TinyConfig):
     return model, processor
 
 
+def build_tiny_mllama(cfg: TinyConfig):
+    """mllama: a tiled ViT (local + gated global layers, intermediate layers concatenated), a Llama whose
+    layers 1 and 3 (of 4) cross-attend to the vision states; every gate drawn non-zero (HF inits them to 0,
+    which would hide the vision path)."""
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(cfg.vocab_size, specials=MLLAMA_SPECIALS)
+    intermediate = [0, cfg.vision_layers - 1]
+    vision = transformers.MllamaVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+        num_global_layers=2, attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        max_num_tiles=4, intermediate_layers_indices=intermediate,
+        vision_output_dim=cfg.vision_hidden * (1 + len(intermediate)), initializer_range=0.1)
+    text = transformers.MllamaTextConfig(
+        hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate, num_hidden_layers=4,
+        cross_attention_layers=[1, 3], num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=2, pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text,
+                                       image_token_index=tokenizer.convert_tokens_to_ids(MLLAMA_SPECIALS[0]))
+    torch.manual_seed(cfg.seed)
+    model = transformers.MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "gate" in name:
+                param.uniform_(0.3, 1.2)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, tokenizer.pad_token_id
+    image = transformers.MllamaImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size},
+                                                 max_image_tiles=4)
+    return model, transformers.MllamaProcessor(image, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
+
+
 def build_tiny_model(cfg: TinyConfig):
     """(model, processor) with seeded random weights."""
     import transformers
@@ -349,6 +382,8 @@ def build_tiny_model(cfg: TinyConfig):
         return build_tiny_idefics3(cfg)
     if cfg.family == "idefics2":
         return build_tiny_idefics2(cfg)
+    if cfg.family == "mllama":
+        return build_tiny_mllama(cfg)
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:
