@@ -87,6 +87,26 @@ def _media(directory: Path, m: Manifest) -> None:
     (embeds,) = family.embed_media([item], run)
     if embeds.shape[-1] != m.model.dims.hidden:
         raise ValueError(f"image embeddings have width {embeds.shape[-1]}, the decoder's hidden size is {m.model.dims.hidden}")
+    ids = np.array([m.model.media["image"].token_id, 0], np.int64)  # an image token, then text
+    context = family.decoder_context([ids], [[item]], lambda graph, feeds: runners[graph].run(feeds))
+    if context is not None:  # what the decoders read besides embeddings and their KV (mllama's cross K/V)
+        for decoder in m.model.pipeline["decoders"]:
+            _check_context(m.graphs[decoder], context.prefill(), len(ids))
+
+
+def _check_context(spec, feeds: dict, seq: int) -> None:
+    """The family's decoder context: decoder inputs of the spec's dtype and rank, batch 1, seq rows."""
+    inputs = {t.name: t for t in spec.inputs}
+    for name, x in feeds.items():
+        t = inputs.get(name)
+        if t is None or x.dtype != t.np_dtype or x.ndim != len(t.shape):
+            raise ValueError(f"the family's decoder input {name!r} ({x.dtype}, rank {x.ndim}) does not fit graph "
+                             f"{spec.name!r} ({'no such input' if t is None else f'{t.dtype}, rank {len(t.shape)}'})")
+        want = {"batch": 1, "seq": seq}
+        bad = [(a, d) for a, d in enumerate(t.shape) if (want.get(d, d) if isinstance(d, str) else d) != x.shape[a]
+               and (isinstance(d, int) or d in want)]
+        if bad:
+            raise ValueError(f"the family's decoder input {name!r} has shape {list(x.shape)}, graph {spec.name!r} wants {list(t.shape)}")
 
 
 def _tokenizer(directory: Path, m: Manifest) -> None:

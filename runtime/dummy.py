@@ -83,10 +83,11 @@ SHARED_KV_VALIDATION = [
 
 def validation_dims(spec: GraphSpec) -> list[dict[str, int]]:
     names = set(spec.dim_names()) - set(spec.dim_sums) - {"total"}
-    if "capacity" in names:
-        return SHARED_KV_VALIDATION
-    if "past" in names:
-        return KV_VALIDATION
+    if "capacity" in names or "past" in names:
+        # other dims of a KV graph (mllama's image slots) alternate 1 and 2
+        extra = sorted(names - {"batch", "seq", "past", "capacity"})
+        runs = SHARED_KV_VALIDATION if "capacity" in names else KV_VALIDATION
+        return [{**d, **{e: 1 + i % 2 for e in extra}} for i, d in enumerate(runs)]
     return [{d: 7 if d == "seq" else 1 for d in names}, {d: 2 if d == "seq" else 3 for d in names}]
 
 

@@ -48,9 +48,34 @@ class Batch:
     mask: np.ndarray  # [B, S] int64, 0 at left pads
     stats: StepStats = field(default_factory=StepStats)
     positions: np.ndarray | None = None  # [3, B, S] from the media grids (M-RoPE); None: the scheme's from the mask
+    context: "DecoderContext | None" = None  # decoder inputs besides the self-attention KV (mllama's cross K/V)
 
     def prompt_positions(self, scheme) -> np.ndarray:
         return self.positions if self.positions is not None else scheme.prefill(self.mask)
+
+    def prefill_feeds(self) -> dict[str, np.ndarray]:
+        return self.context.prefill() if self.context is not None else {}
+
+    def step_feeds(self) -> dict[str, np.ndarray]:
+        return self.context.step() if self.context is not None else {}
+
+
+@dataclass
+class DecoderContext:
+    """Decoder inputs a request adds beside the self-attention KV cache, left-padded like the batch:
+    `constant` ones are fed unchanged to every pass (mllama: each cross-attention layer's K/V, computed
+    once per request); `per_token` ones have a row per prompt token [B, S, ...] (mllama: the
+    cross-attention mask), and every decode step feeds the last prompt token's row again (HF's
+    `_update_model_kwargs_for_generation` repeats it)."""
+
+    constant: dict[str, np.ndarray] = field(default_factory=dict)
+    per_token: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def prefill(self) -> dict[str, np.ndarray]:
+        return {**self.constant, **self.per_token}
+
+    def step(self) -> dict[str, np.ndarray]:
+        return {**self.constant, **{k: np.ascontiguousarray(v[:, -1:]) for k, v in self.per_token.items()}}
 
 
 # decoder graph name -> the KV cache layout it reads and writes
@@ -116,7 +141,8 @@ class DecodeLoop:
         with self._memory() as memory:
             cache = memory.cache(b, s)
             embeds = memory.prompt_embeds(batch.embeds)
-            return memory.to_host(self._forward(memory, cache, embeds, batch.mask, batch.prompt_positions(self.positions)))
+            return memory.to_host(self._forward(memory, cache, embeds, batch.mask, batch.prompt_positions(self.positions),
+                                                batch.prefill_feeds()))
 
     def tokens(self, batch: Batch, max_new_tokens: int, sampler: Sampler) -> Iterator[np.ndarray]:
         """Yields the sampled token ids [B] of each step."""
@@ -130,8 +156,10 @@ class DecodeLoop:
         mask[:, :s] = batch.mask
         positions = batch.prompt_positions(self.positions)  # [B, S] or [3, B, S]
         t0 = time.perf_counter()
-        logits = self._forward(memory, cache, memory.prompt_embeds(batch.embeds), mask[:, :s], positions)
+        logits = self._forward(memory, cache, memory.prompt_embeds(batch.embeds), mask[:, :s], positions,
+                               batch.prefill_feeds())
         positions = self.positions.first_step(positions)  # [..., B, 1]
+        step_feeds = batch.step_feeds()
         for step in range(max_new_tokens):
             ids, tokens = memory.choose(logits, sampler)
             self._account(batch.stats, step, time.perf_counter() - t0)
@@ -141,7 +169,8 @@ class DecodeLoop:
             t0 = time.perf_counter()
             mask[:, cache.length] = 1
             embeds = self.embed.run({"input_ids": ids}, out=_out("inputs_embeds", memory.step_embeds(b)))
-            logits = self._forward(memory, cache, embeds["inputs_embeds"], mask[:, : cache.length + 1], positions)
+            logits = self._forward(memory, cache, embeds["inputs_embeds"], mask[:, : cache.length + 1], positions,
+                                   step_feeds)
             batch.stats.graph_s += self.embed.last_run_s + self.decoder.last_run_s
             positions = self.positions.next_step(positions)
 
@@ -154,11 +183,12 @@ class DecodeLoop:
             stats.steps += 1
             stats.step_s += seconds
 
-    def _forward(self, memory, cache, embeds, mask: np.ndarray, positions: np.ndarray):
-        """One decoder pass; present is written into the cache, which then advances."""
+    def _forward(self, memory, cache, embeds, mask: np.ndarray, positions: np.ndarray, extra: dict | None = None):
+        """One decoder pass; present is written into the cache, which then advances. `extra`: the
+        request's other decoder inputs (Batch.context)."""
         b, s = positions.shape[-2:]  # [B, S], or [3, B, S] for 3-D schemes
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ascontiguousarray(mask), "position_ids": positions,
-                 **cache.past()}
+                 **cache.past(), **(extra or {})}
         out = {**_out("logits", memory.logits(b, s)), **cache.present(s)}
         logits = self.decoder.run(feeds, out=out)["logits"]
         cache.advance(s)

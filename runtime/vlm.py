@@ -205,6 +205,9 @@ class VLM:
         splits = np.cumsum([len(row) for row in items])[:-1]
         embeds = [self._embed_row(row, its, feats) for row, its, feats in zip(ids, items, _split(media, splits))]
         batch = _left_pad(embeds)
+        t0 = time.perf_counter()
+        batch.context = self.family.decoder_context(ids, items, self._run_graph_outputs)  # mllama: cross K/V + mask
+        vision_s += time.perf_counter() - t0
         positions = [self.family.prompt_positions(row, its) for row, its in zip(ids, items)]
         if any(p is not None for p in positions):
             batch.positions = left_pad_positions(positions, batch.mask.shape[1])  # [3, B, S]
@@ -228,6 +231,10 @@ class VLM:
         spec = self.manifest.graphs[name]
         feeds = x if isinstance(x, dict) else {spec.input_names[0]: x}
         return self.runners[name].run(feeds)[spec.output_names[0]]
+
+    def _run_graph_outputs(self, name: str, feeds: dict) -> dict[str, np.ndarray]:
+        """A graph of the media chain run on a feed dict -> all its outputs by name."""
+        return self.runners[name].run(feeds)
 
     def _check_placeholders(self, request: _Request) -> None:
         if not isinstance(request.prompt, str):
@@ -262,6 +269,8 @@ class VLM:
     def _embed_row(self, ids: np.ndarray, items: list[MediaItem], item_embeds: list[np.ndarray]) -> np.ndarray:
         """[S] ids + each item's [n_i, C] embeds -> [S, C] with each kind's at its token's positions, in order."""
         embeds = self.runners[self.facts.pipeline["embed"]].run({"input_ids": ids[None]})["inputs_embeds"][0]  # [S, C]
+        if not self.family.media_in_prompt:  # mllama: the decoder reads the media through Batch.context
+            return embeds
         for kind, media in self.facts.media.items():
             slots = ids == media.token_id
             mine = [e for item, e in zip(items, item_embeds) if item.kind == kind]

@@ -56,6 +56,9 @@ ZOO_VARIANTS = {
     # Idefics2 (tests/test_idefics2.py): a ViT of 28-px images (4x4 patches), an MLP + 2-layer perceiver
     # with 4 latents per crop, Mistral; images split into 4 crops + the whole image, padded with pixel masks
     "idefics2": TinyConfig(seed=28, family="idefics2", image_size=28, patch_size=7, vocab_size=300, num_query_tokens=4),
+    # mllama (tests/test_mllama.py): a tiled ViT of 28-px tiles (2x2 patches + CLS, up to 4 tiles), 3 local
+    # + 2 gated global layers, Llama of 4 layers whose layers 1 and 3 cross-attend to the vision states
+    "mllama": TinyConfig(seed=29, family="mllama", image_size=28, vocab_size=300),
     # Idefics3 / SmolVLM (tests/test_idefics3.py): a ViT of 28-px tiles (4x4 patches, 4 tokens after the
     # shuffle), images split up to 3x3 + a global tile, Llama
     "idefics3": TinyConfig(seed=26, family="idefics3", image_size=28, patch_size=7, vocab_size=400),

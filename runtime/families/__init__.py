@@ -19,6 +19,7 @@ FAMILIES = {
     "llava": "llava",
     "llava_next": "llava_next",
     "llava_onevision": "llava_onevision",
+    "mllama": "mllama",
     "qwen2_vl": "qwen2_vl",
 }
 

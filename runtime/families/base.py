@@ -24,6 +24,7 @@ from ..manifest import ArtifactError, ModelFacts
 from ..text import expand_placeholders
 
 RunGraph = Callable[[str, np.ndarray], np.ndarray]  # (graph name, its one input) -> its one output
+RunGraphOutputs = Callable[[str, dict], dict]  # (graph name, feeds) -> every output by name
 ReadJson = Callable[[str], "dict | None"]  # a checkpoint file's name -> its JSON, None when absent
 Size = tuple[int, int]  # (height, width)
 
@@ -80,6 +81,7 @@ class Family:
     media_kinds: tuple[str, ...] = ("image",)  # what prepare/prepare_video accept
     size_options = False  # True: prepare takes min_pixels/max_pixels per call
     frame_sampling = None  # video families: runtime/video.py FrameSampling (how load_video picks frames)
+    media_in_prompt = True  # False: media embeddings replace no prompt tokens (the decoder reads them, mllama)
 
     def __init__(self, facts: ModelFacts, preprocess: dict, tensors: Mapping[str, np.ndarray]):
         self.facts, self.tensors = facts, tensors
@@ -104,6 +106,12 @@ class Family:
     def prompt_positions(self, ids: np.ndarray, items: list[MediaItem]) -> np.ndarray | None:
         """ids [S] of one row -> its positions, where the family computes them from the media
         (M-RoPE: [3, S]); None: the position scheme's, from the attention mask."""
+        return None
+
+    def decoder_context(self, ids: list[np.ndarray], items: list[list[MediaItem]], run: RunGraphOutputs):
+        """The decoder inputs the batch needs besides embeddings and the self-attention KV (a
+        generate.DecoderContext, left-padded as the batch: each row's ids [S_i] end at the batch's last
+        column), or None (every family whose media are prompt tokens). `run(graph, feeds)` -> all outputs."""
         return None
 
     def pack(self, item: MediaItem, features: np.ndarray) -> np.ndarray:

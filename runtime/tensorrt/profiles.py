@@ -116,6 +116,8 @@ def _dim_ranges(limits: Limits) -> dict[str, DimRange]:
         "num_images": DimRange(1, limits.rows_per_image, limits.max_images * limits.rows_per_image),
         # Qwen2-VL: merged 2x2-patch units of all images of a call (rows_per_image: one image's most)
         "num_units": DimRange(1, limits.rows_per_image, limits.max_images * limits.rows_per_image),
+        # mllama: image slots of one batch row (the cross K/V and cross-attention mask; text only: 1 zero slot)
+        "images": DimRange(1, 1, limits.max_images),
         "batch": DimRange(1, 1, limits.max_batch),
         "seq": DimRange(1, limits.typical_input, limits.max_input),
     }

@@ -1,0 +1,107 @@
+"""mllama (cross-attention fusion): a seeded tiny checkpoint exported by the real exporter, then the
+torch-free runtime against HF `generate` (greedy, EOS off) through the portable decoder (decoder_gqa
+declines mllama): a non-square photo (tiles of a 2x1 canvas), two images in one prompt, text only (the
+cross layers skipped, as HF does), a left-padded batch of the three (absent image slots run through the
+vision model as HF pads them); prefill logits within 1e-4; the cross K/V computed once per request;
+`check --tensorrt`. Preprocessing and the cross-attention mask vs HF: tests/test_mllama_preprocess.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_generate_batch, photo
+from vlmdeploy.runtime.vlm import VLM
+
+NEW_TOKENS = 16
+CASES = {"photo": ("<|image|>What is it?", lambda: [photo("chelsea", (150, 100))]),
+         "two images": ("<|image|>a<|image|> Compare.", lambda: [photo("coffee", (40, 30)), photo("astronaut", (60, 130))]),
+         "text only": ("Tell me a story.", lambda: [])}
+
+
+@pytest.fixture(scope="module")
+def exp(exported_factory):
+    return exported_factory("mllama")
+
+
+@pytest.fixture(scope="module")
+def vlm(exp):
+    return VLM.load(exp.artifact)
+
+
+def hf_generate(exp, prompts, images):
+    return hf_generate_batch(exp, prompts, images, NEW_TOKENS, nested=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_hf(exp, vlm, case):
+    prompt, images = CASES[case]
+    want = hf_generate(exp, [prompt], [images()])[0]
+    assert vlm.generate(prompt, images(), max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want
+
+
+def test_left_padded_batch_equals_hf(exp, vlm):
+    prompts, images = [p for p, _ in CASES.values()], [i() for _, i in CASES.values()]
+    want = hf_generate(exp, prompts, images)
+    assert len({tuple(w) for w in want}) == 3  # the rows differ: the images matter
+    got = vlm.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert [g.token_ids for g in got] == want
+
+
+def test_images_change_the_tokens(vlm):
+    """The cross-attention path is live: another image gives other tokens (HF inits the gates to 0)."""
+    prompt, images = CASES["photo"]
+    a = vlm.generate(prompt, images(), max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+    b = vlm.generate(prompt, [photo("coffee", (150, 100))], max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+    assert a != b
+
+
+@pytest.mark.parametrize("case", ["photo", "two images"])
+def test_prefill_logits_match_hf(exp, vlm, case):
+    prompt, images = CASES[case]
+    inputs = exp.processor(text=[prompt], images=[images()], return_tensors="pt")
+    with torch.no_grad():
+        ref = exp.model(**inputs).logits[0].numpy()
+    ours = vlm.prefill_logits(prompt, images())[0]
+    assert ours.shape == ref.shape and np.max(np.abs(ours - ref)) <= 1e-4
+
+
+def test_cross_kv_runs_once_per_request(exp):
+    """The vision chain and the cross K/V run once, before prefill; decode steps reuse them."""
+    vlm = VLM.load(exp.artifact, verify=False)
+    calls = {"vision": 0, "cross_kv": 0}
+    for name in calls:
+        runner, run = vlm.runners[name], vlm.runners[name].run
+
+        def counted(feeds, *a, _name=name, _run=run, **k):
+            calls[_name] += 1
+            return _run(feeds, *a, **k)
+
+        runner.run = counted
+    prompt, images = CASES["two images"]
+    out = vlm.generate(prompt, images(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert len(out.token_ids) == NEW_TOKENS and calls == {"vision": 1, "cross_kv": 1}
+    vlm.generate(*CASES["text only"][:1], max_new_tokens=4, ignore_eos=True)
+    assert calls == {"vision": 1, "cross_kv": 1}  # no image: zero cross K/V, no vision run
+
+
+def test_manifest_and_check_tensorrt(exp, vlm):
+    from vlmdeploy.runtime.check import check_artifact
+    from vlmdeploy.runtime.tensorrt.build import BuildOptions
+
+    f, graphs = vlm.facts, vlm.manifest.graphs
+    assert f.family == "mllama" and f.pipeline == {"image": ["vision", "cross_kv"], "embed": "embed", "decoders": ["decoder"]}
+    assert f.family_params["cross_attention_layers"] == [1, 3] and f.dims.num_layers == len(f.kv_layers) == 2
+    assert [n for n in graphs["decoder"].input_names if n.startswith("cross_")] == [
+        "cross_attention_mask", *(f"cross_key_values.{j}.{kv}" for j in (0, 1) for kv in ("key", "value"))]
+    assert not any(n.startswith("cross") for n in graphs["decoder"].output_names)  # inputs only: never rewritten
+    report = check_artifact(exp.artifact, tensorrt=("10", BuildOptions()))
+    assert report.passed, report.failed
+
+
+def test_wrong_image_count_is_refused(vlm):
+    from vlmdeploy.runtime.vlm import PromptError
+
+    with pytest.raises(PromptError, match="image"):
+        vlm.generate("<|image|>two?<|image|>", [photo("chelsea", (40, 30))], max_new_tokens=2)
