@@ -511,6 +511,7 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
         Line("projector", sum(size[g] for g in projector) + sum(tensors.values()), None,
              " + ".join([f"{g}.onnx" for g in projector] + [facts.tensors[t] for t in tensors]) + " (files)"),
         *_kv_lines(decoder, kv_layers, w, act),
+        *_request_kv_lines(family, facts, w),
         Line("activations (estimate)", act_elems * np.dtype(act).itemsize, None, "prefill peak over the whole context"),
     ]
     loaded = set(chain) | {embed, decoder}
@@ -524,6 +525,12 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
         notes.append(f"decoder_gqa weights quantized to {quantization.get('scheme')} at export (the file sizes above)")
     return Plan(f"{directory} (exported {facts.family}, runtime uses `{decoder}`)", have, w.context, w.batch, w.images,
                 tuple(lines), tuple(notes), facts.family, visual, rule)
+
+
+def _request_kv_lines(family, facts, w: Workload) -> list[Line]:
+    """K/V the decoder reads besides the context cache (mllama's cross-attention K/V), counted apart from it."""
+    extra = family.request_kv(facts, w.images, w.batch)
+    return [] if extra is None else [Line("cross-attention K/V", extra[0], None, extra[1])]
 
 
 def _graph_bytes(manifest, graph: str) -> int:

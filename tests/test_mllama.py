@@ -105,3 +105,18 @@ def test_wrong_image_count_is_refused(vlm):
 
     with pytest.raises(PromptError, match="image"):
         vlm.generate("<|image|>two?<|image|>", [photo("chelsea", (40, 30))], max_new_tokens=2)
+
+
+def test_plan_counts_cross_kv_apart_from_the_context(exp, vlm):
+    """`vlmdeploy plan DIR`: the KV cache row covers the self-attention layers only; the cross K/V row is
+    exactly what the runtime holds for a request, whatever the context."""
+    from vlmdeploy.export.plan import Workload, plan_artifact
+    from vlmdeploy.runtime.vlm import _Request
+
+    prompt, images = CASES["two images"]
+    batch, _, _ = vlm._prepare([_Request(prompt, images())] * 2)
+    held = sum(x.nbytes for x in batch.context.constant.values())
+    plans = [plan_artifact(exp.artifact, Workload(context=c, batch=2, images=2)) for c in (64, 256)]
+    assert [p.get("cross-attention K/V").nbytes for p in plans] == [held, held]
+    d = vlm.facts.dims
+    assert plans[0].get("KV cache").nbytes == 2 * d.num_layers * d.kv_heads * d.head_dim * 4 * 64 * 2

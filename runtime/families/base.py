@@ -187,6 +187,13 @@ class Family:
         return []
 
     @classmethod
+    def request_kv(cls, facts: ModelFacts, images: int, batch: int) -> tuple[int, str] | None:
+        """(bytes, how) of K/V the decoder reads besides the context cache, held once per request and
+        not growing with the context (mllama: every cross-attention layer's K/V of the vision states);
+        None: the family has none."""
+        return None
+
+    @classmethod
     def projector_extras(cls, text_hidden: int) -> dict[str, int]:
         """Parameters the family keeps beside the 2-layer MLP projector (name -> count)."""
         return {}

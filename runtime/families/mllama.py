@@ -69,14 +69,24 @@ class Mllama(Family):
                 for kv in ("key", "value")}
 
     @classmethod
+    def request_kv(cls, facts, images: int, batch: int) -> tuple[int, str]:
+        d, fp = facts.dims, facts.family_params
+        slots = fp["max_image_tiles"] * fp["tokens_per_tile"]  # K/V rows per image, padded tiles included
+        layers = len(fp["cross_attention_layers"])
+        per_image = 2 * layers * d.kv_heads * slots * d.head_dim * np.dtype(d.dtype).itemsize
+        return per_image * batch * max(1, images), (
+            f"{layers} cross-attention layers x K,V x {d.kv_heads} heads x {slots} rows ({fp['max_image_tiles']} tiles x "
+            f"{fp['tokens_per_tile']}) x {d.head_dim} per image, x {max(1, images)} image(s) x batch {batch}; once per "
+            "request, independent of the context")
+
+    @classmethod
     def visual_tokens(cls, preprocess, image_sizes, tile_tokens, tile_size, facts=None):
         p = mllama.MllamaParams.from_dict(preprocess) if preprocess else mllama.MllamaParams(tile_size=tile_size[0])
         sizes = list(image_sizes) or [tuple(tile_size)]
         rows = []
         for size in sizes:
-            grid = mllama.tile_grid(tuple(size), p)
-            rows.append(ImageTokens(tuple(size), p.max_image_tiles, tile_tokens, 1, grid=grid,
-                                    typical="" if image_sizes else "typical"))
+            mllama.tile_grid(tuple(size), p)  # the size is valid
+            rows.append(ImageTokens(tuple(size), p.max_image_tiles, tile_tokens, 1, typical="" if image_sizes else "typical"))
         return tuple(rows), (f"mllama: one <|image|> token per image in the context; the vision states "
                              f"({p.max_image_tiles} tiles x {tile_tokens} tokens, padded tiles included) are read "
                              "through each cross-attention layer's own K/V, outside the context")
