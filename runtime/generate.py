@@ -66,7 +66,11 @@ class DecoderContext:
     `constant` ones are fed unchanged to every pass (mllama: each cross-attention layer's K/V, computed
     once per request); `per_token` ones have a row per prompt token [B, S, ...] (mllama: the
     cross-attention mask), and every decode step feeds the last prompt token's row again (HF's
-    `_update_model_kwargs_for_generation` repeats it)."""
+    `_update_model_kwargs_for_generation` repeats it).
+
+    Contract (what the server's slot batching relies on, serve/slots.py SlotContext): zero-padding any
+    input along a non-batch axis leaves every row's result unchanged (mllama: a zero image slot has
+    zero K/V and is read by no token)."""
 
     constant: dict[str, np.ndarray] = field(default_factory=dict)
     per_token: dict[str, np.ndarray] = field(default_factory=dict)
@@ -76,6 +80,10 @@ class DecoderContext:
 
     def step(self) -> dict[str, np.ndarray]:
         return {**self.constant, **{k: np.ascontiguousarray(v[:, -1:]) for k, v in self.per_token.items()}}
+
+    def chunk(self, start: int, end: int) -> dict[str, np.ndarray]:
+        """The feeds of prompt tokens [start, end) (chunked prefill)."""
+        return {**self.constant, **{k: np.ascontiguousarray(v[:, start:end]) for k, v in self.per_token.items()}}
 
 
 # decoder graph name -> the KV cache layout it reads and writes

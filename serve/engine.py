@@ -32,7 +32,7 @@ from vlmdeploy.runtime.sampling import Sampler, SamplingParams
 from vlmdeploy.runtime.session import Row
 from vlmdeploy.runtime.text import IncrementalDetokenizer
 
-from .slots import SlotKVCache
+from .slots import SlotContext, SlotKVCache
 
 log = logging.getLogger("vlmdeploy.serve")
 
@@ -49,6 +49,7 @@ class PreparedPrompt:
     prompt_tokens: int
     images: int = 0
     positions: np.ndarray | None = None  # [..., 1, S] from the family (M-RoPE); None: the position scheme's
+    context: object = None  # runtime.generate.DecoderContext (mllama: cross K/V + mask), batch 1; None: none
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Prefill:
         given = prompt.positions
         self.positions = positions_scheme.prefill(self.mask) if given is None else given  # [1, S] or [3, 1, S]
         self.cache = memory.cache(1, s)
+        self.context = prompt.context
         self.filled = 0
         self.logits: np.ndarray | None = None  # [1, V] once done
 
@@ -111,7 +113,8 @@ class Prefill:
         a, b = self.filled, min(self.filled + chunk, s)
         embeds = np.ascontiguousarray(self.embeds[:, a:b])
         positions = np.ascontiguousarray(self.positions[..., a:b])
-        logits = loop._forward(self.memory, self.cache, embeds, self.mask[:, :b], positions)  # [1, b-a or 1, V]
+        extra = self.context.chunk(a, b) if self.context is not None else None
+        logits = loop._forward(self.memory, self.cache, embeds, self.mask[:, :b], positions, extra)  # [1, b-a or 1, V]
         self.filled = b
         if b == s:
             self.logits = logits[:, -1].copy()
@@ -144,6 +147,7 @@ class Engine:
         self.max_queue, self.prefill_chunk, self.prefill_tokens_per_step = max_queue, prefill_chunk, prefill_tokens_per_step
         self.metrics = metrics or EngineMetrics()
         self.cache = SlotKVCache(facts, max_num_seqs, self.max_model_len)
+        self.context = SlotContext(max_num_seqs)  # per-slot decoder inputs besides the KV (mllama's cross K/V)
         self.in_place = vlm.decoder_graph == "decoder_gqa"
         self.memory = HostMemory(vlm.decoder_graph, facts)
         self.positions = self.loop.positions
@@ -266,6 +270,7 @@ class Engine:
     def _start_decoding(self, seq: Sequence) -> None:
         """Copy the prefilled K/V into the sequence's slot, sample its first token."""
         self.cache.place(seq.slot, seq.prefill.kv(), sorted(self.running))
+        self.context.place(seq.slot, seq.prefill.context)
         self._set_positions(seq.slot, self.positions.first_step(seq.prefill.positions))
         logits, seq.prefill = seq.prefill.logits, None
         self.running[seq.slot] = seq
@@ -289,7 +294,8 @@ class Engine:
         embeds = self.loop.embed.run({"input_ids": ids})["inputs_embeds"]  # [n, 1, C]
         mask = self.cache.step_mask(n, active)  # [n, T+1]
         positions = np.ascontiguousarray(self._positions[..., :n, :])  # [n, 1] (or [3, n, 1])
-        logits = self.loop._forward(self.memory, self.cache.view(n, self.in_place), embeds, mask, positions)
+        logits = self.loop._forward(self.memory, self.cache.view(n, self.in_place), embeds, mask, positions,
+                                    self.context.feeds(n))
         self._positions = self.positions.next_step(self._positions)
         for slot in active:
             self._accept(self.running[slot], logits[slot:slot + 1, -1])

@@ -35,7 +35,8 @@ class PromptBuilder:
     def _prepare(self, request) -> PreparedPrompt:
         batch, prompt_lens, _ = self.vlm._prepare([request])  # embeds [1, S, C]
         positions = getattr(batch, "positions", None)  # [3, 1, S] from the media grids, or None: the scheme's
-        return PreparedPrompt(batch.embeds[0], prompt_lens[0], len(request.images) + len(request.videos), positions)
+        return PreparedPrompt(batch.embeds[0], prompt_lens[0], len(request.images) + len(request.videos), positions,
+                              batch.context)
 
 
 class CachedVisionFamily:

@@ -129,3 +129,38 @@ class CopiedSlotView(SlotView):
         for buf, present in zip(self.cache.buffers, self._scratch):
             buf[: self.n, :, t:t + new_tokens] = present[:, :, t:]
         super().advance(new_tokens)
+
+
+class SlotContext:
+    """Each slot's decoder context (runtime/generate.py DecoderContext, batch 1, placed when its prefill
+    ends) stacked for the decode step: the constant inputs and the last prompt row of the per-token ones,
+    [N, ...] per input. Rows whose inputs differ in size (mllama: image count) are zero-padded to the
+    largest, which the DecoderContext contract says changes no row's result. Empty for families
+    without a context."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def place(self, slot: int, context) -> None:
+        if context is None:
+            return
+        for name, x in context.step().items():  # [1, ...]
+            buf = self._fit(name, x)
+            buf[slot] = 0
+            buf[(slot, *(slice(0, n) for n in x.shape[1:]))] = x[0]
+
+    def feeds(self, n: int) -> dict[str, np.ndarray]:
+        """The first n slots' inputs (contiguous views)."""
+        return {name: buf[:n] for name, buf in self.arrays.items()}
+
+    def _fit(self, name: str, x: np.ndarray) -> np.ndarray:
+        """The slot buffer of `name`, grown (zero-padded) to hold x [1, ...]."""
+        buf = self.arrays.get(name)
+        shape = (self.slots, *x.shape[1:]) if buf is None else (self.slots, *np.maximum(buf.shape[1:], x.shape[1:]))
+        if buf is None or tuple(shape) != buf.shape:
+            grown = np.zeros(shape, x.dtype)
+            if buf is not None:
+                grown[tuple(slice(0, n) for n in buf.shape)] = buf
+            self.arrays[name] = buf = grown
+        return buf

@@ -120,3 +120,26 @@ def test_plan_counts_cross_kv_apart_from_the_context(exp, vlm):
     assert [p.get("cross-attention K/V").nbytes for p in plans] == [held, held]
     d = vlm.facts.dims
     assert plans[0].get("KV cache").nbytes == 2 * d.num_layers * d.kv_heads * d.head_dim * 4 * 64 * 2
+
+
+def test_scheduler_pads_rows_with_fewer_images(exp):
+    """The server's slots hold each row's cross K/V; rows with 2, 1 and 0 images decode together (the
+    fewer-image rows zero-padded to 2 image slots) and every answer equals `VLM.chat`'s."""
+    import queue
+
+    from test_serve_families import _messages, _png, _text
+    from vlmdeploy.runtime.sampling import SamplingParams
+    from vlmdeploy.serve.engine import Engine
+    from vlmdeploy.serve.prepare import PromptBuilder
+
+    vlm = VLM.load(exp.artifact, verify=False)
+    a, b = photo("chelsea", (150, 100)), photo("astronaut", (60, 130))
+    jobs = [([a, b], 10), ([b], 8), ([], 9), ([b, a], 7)]
+    expected = [vlm.chat(_messages(imgs, lambda im: im), max_new_tokens=n, ignore_eos=True).text for imgs, n in jobs]
+    engine, builder = Engine(vlm, max_num_seqs=4, prefill_chunk=5, prefill_tokens_per_step=5), PromptBuilder(vlm, 1 << 20)
+    events = [queue.Queue() for _ in jobs]
+    for (imgs, n), q in zip(jobs, events):
+        engine.submit(builder.chat(_messages(imgs, _png)), SamplingParams(max_new_tokens=n, ignore_eos=True), q.put)
+    got = [_text(q) for q in events]
+    engine.stop()
+    assert got == expected and engine.context.arrays["cross_attention_mask"].shape[2] == 2

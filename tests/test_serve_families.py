@@ -1,5 +1,5 @@
 """The scheduler on other model families: anyres tiles (LLaVA-NeXT), M-RoPE positions from the image
-grids (Qwen2-VL, Qwen2.5-VL), InternVL's wrapped tiles, LLaVA-OneVision, Idefics3's tiles. Mixed image and
+grids (Qwen2-VL, Qwen2.5-VL), InternVL's wrapped tiles, LLaVA-OneVision, Idefics3's tiles, mllama's per-slot cross K/V. Mixed image and
 text-only chats, chunked prefill, 3 slots, both decoders: every answer equals `VLM.chat`'s."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from vlmdeploy.serve.engine import Engine
 from vlmdeploy.serve.prepare import PromptBuilder
 
 TINY = {**conftest.VARIANTS, **conftest.FAMILY_VARIANTS, **conftest.QWEN_VARIANTS, **conftest.ZOO_VARIANTS}
-FAMILIES = ["llava_next-llama-clip", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_onevision", "idefics3", "idefics2"]
+FAMILIES = ["llava_next-llama-clip", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_onevision", "idefics3", "idefics2", "mllama"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
