@@ -176,6 +176,7 @@ class MllamaExport(LlavaStyleExport):
             raise c.ExportError("cross_attention_layers includes layer 0; the cache's length is read from layer 0, "
                                 "which must be a self-attention layer")
         return {"max_image_tiles": v.max_num_tiles, "tokens_per_tile": (v.image_size // v.patch_size) ** 2 + 1,
+                "input_vocab": text.vocab_size + 8,  # MllamaTextModel.embed_tokens: <|image|> is id vocab_size
                 "cross_attention_layers": cross, "self_attention_layers": self_layers}
 
     def image_tokens(self, files: ProcessorFiles, model, preprocess: dict, vision_tokens: int) -> dict:

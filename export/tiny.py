@@ -16,7 +16,7 @@ from .recipes import TinyConfig
 from .tiny_tokenizer import (IDEFICS3_CHAT_TEMPLATE, IDEFICS3_SPECIALS, INTERNVL_CHAT_TEMPLATE, INTERNVL_NAMED, INTERNVL_SPECIALS, LLAVA_CHAT_TEMPLATE,
                              ONEVISION_CHAT_TEMPLATE, ONEVISION_SPECIALS, QWEN2_VL_CHAT_TEMPLATE, build_tiny_tokenizer)
 
-MLLAMA_SPECIALS = ("<|image|>", "<pad>")  # mllama's image token; the pad token
+MLLAMA_SPECIALS = ("<pad>", "<|image|>")  # the pad token; mllama's image token (the tokenizer's last id)
 MLLAMA_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace("<image>\n", "<|image|>")
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -337,10 +337,14 @@ def build_tiny_idefics2(cfg: TinyConfig):
 def build_tiny_mllama(cfg: TinyConfig):
     """mllama: a tiled ViT (local + gated global layers, intermediate layers concatenated), a Llama whose
     layers 1 and 3 (of 4) cross-attend to the vision states; every gate drawn non-zero (HF inits them to 0,
-    which would hide the vision path)."""
+    which would hide the vision path). As in Llama-3.2-Vision, <|image|> is id vocab_size: embedded (the
+    embedding has vocab_size + 8 rows) but outside the logits."""
     import transformers
 
     tokenizer = build_tiny_tokenizer(cfg.vocab_size, specials=MLLAMA_SPECIALS)
+    image_token_id = tokenizer.convert_tokens_to_ids(MLLAMA_SPECIALS[1])
+    if image_token_id != len(tokenizer) - 1:
+        raise ValueError(f"<|image|> must be the tokenizer's last token (id {len(tokenizer) - 1}), got id {image_token_id}")
     intermediate = [0, cfg.vision_layers - 1]
     vision = transformers.MllamaVisionConfig(
         hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
@@ -350,10 +354,9 @@ def build_tiny_mllama(cfg: TinyConfig):
     text = transformers.MllamaTextConfig(
         hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate, num_hidden_layers=4,
         cross_attention_layers=[1, 3], num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads,
-        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=image_token_id, max_position_embeddings=cfg.context_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=2, pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
-    config = transformers.MllamaConfig(vision_config=vision, text_config=text,
-                                       image_token_index=tokenizer.convert_tokens_to_ids(MLLAMA_SPECIALS[0]))
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id)
     torch.manual_seed(cfg.seed)
     model = transformers.MllamaForConditionalGeneration(config).eval()
     with torch.no_grad():

@@ -117,8 +117,8 @@ def _tokenizer(directory: Path, m: Manifest) -> None:
         got = text.token_to_id(media.placeholder)
         if got != media.token_id:
             raise ValueError(f"media {kind!r}: the tokenizer gives {media.placeholder!r} id {got}, the manifest {media.token_id}")
-    if text.vocab_size > m.model.dims.vocab:
-        raise ValueError(f"the tokenizer has {text.vocab_size} tokens but the decoder's vocabulary is {m.model.dims.vocab}")
+    if text.vocab_size > m.model.input_vocab:
+        raise ValueError(f"the tokenizer has {text.vocab_size} tokens but the embedding takes {m.model.input_vocab}")
 
 
 def _template(directory: Path, m: Manifest) -> None:

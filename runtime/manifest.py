@@ -129,6 +129,12 @@ class ModelFacts:
         return self.image.token_id
 
     @property
+    def input_vocab(self) -> int:
+        """Token ids the embed graph takes: dims.vocab (the logits' width), more where the model embeds ids
+        it never predicts (mllama: <|image|> is id vocab_size, its embedding has vocab_size + 8 rows)."""
+        return int(self.family_params.get("input_vocab", self.dims.vocab))
+
+    @property
     def tokens_per_image(self) -> int:
         return self.image.typical_tokens
 
@@ -357,8 +363,8 @@ def _check_meaning(m: "Manifest") -> None:
     if f.context_length < 2:
         raise ValueError(f"context_length must be >= 2 (a prompt token and a new one), got {f.context_length}")
     for kind, media in f.media.items():
-        if not 0 <= media.token_id < d.vocab:
-            raise ValueError(f"media {kind!r} token_id {media.token_id} is outside the vocabulary 0..{d.vocab - 1}")
+        if not 0 <= media.token_id < f.input_vocab:
+            raise ValueError(f"media {kind!r} token_id {media.token_id} is outside the vocabulary 0..{f.input_vocab - 1}")
     bad_eos = [t for t in f.eos_token_ids if t >= d.vocab]
     if bad_eos:
         raise ValueError(f"eos_token_ids {bad_eos} are outside the vocabulary 0..{d.vocab - 1}")

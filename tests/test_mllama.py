@@ -93,6 +93,7 @@ def test_manifest_and_check_tensorrt(exp, vlm):
     f, graphs = vlm.facts, vlm.manifest.graphs
     assert f.family == "mllama" and f.pipeline == {"image": ["vision", "cross_kv"], "embed": "embed", "decoders": ["decoder"]}
     assert f.family_params["cross_attention_layers"] == [1, 3] and f.dims.num_layers == len(f.kv_layers) == 2
+    assert f.image_token_id == f.dims.vocab and f.input_vocab == f.dims.vocab + 8  # as Llama-3.2-Vision: not a logit
     assert [n for n in graphs["decoder"].input_names if n.startswith("cross_")] == [
         "cross_attention_mask", *(f"cross_key_values.{j}.{kv}" for j in (0, 1) for kv in ("key", "value"))]
     assert not any(n.startswith("cross") for n in graphs["decoder"].output_names)  # inputs only: never rewritten
