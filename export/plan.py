@@ -23,6 +23,9 @@ visual tokens per image size.
   head_dim x dtype bytes per token), exact. The runtime's portable `decoder` keeps TWO such buffers
   (ping-pong, runtime/kv_cache.py), `decoder_gqa` one; the second buffer is its own row. A
   sliding-window layer still keeps the whole context in this runtime's cache.
+- Cross-attention K/V (mllama): each cross-attention layer's K and V of the vision states, held once
+  per request whatever the context (`Family.request_kv`), a row apart from the context's KV cache,
+  which then counts the self-attention layers only.
 - Activations: an estimate of the prefill peak over the whole context: one decoder layer's
   intermediates (attention scores B x heads x S x S included) plus the logits [B, S, V]; or the
   vision tower over every tile of every image, whichever is larger.

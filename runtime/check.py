@@ -95,18 +95,17 @@ def _media(directory: Path, m: Manifest) -> None:
 
 
 def _check_context(spec, feeds: dict, seq: int) -> None:
-    """The family's decoder context: decoder inputs of the spec's dtype and rank, batch 1, seq rows."""
+    """The family's decoder context for one row of `seq` tokens: inputs of the decoder spec, of its dtype
+    and rank, batch 1, seq rows where the spec has a seq axis, and its fixed sizes."""
     inputs = {t.name: t for t in spec.inputs}
     for name, x in feeds.items():
         t = inputs.get(name)
-        if t is None or x.dtype != t.np_dtype or x.ndim != len(t.shape):
-            raise ValueError(f"the family's decoder input {name!r} ({x.dtype}, rank {x.ndim}) does not fit graph "
-                             f"{spec.name!r} ({'no such input' if t is None else f'{t.dtype}, rank {len(t.shape)}'})")
-        want = {"batch": 1, "seq": seq}
-        bad = [(a, d) for a, d in enumerate(t.shape) if (want.get(d, d) if isinstance(d, str) else d) != x.shape[a]
-               and (isinstance(d, int) or d in want)]
-        if bad:
-            raise ValueError(f"the family's decoder input {name!r} has shape {list(x.shape)}, graph {spec.name!r} wants {list(t.shape)}")
+        if t is None:
+            raise ValueError(f"the family's decoder input {name!r} is not an input of graph {spec.name!r}")
+        want = [d if isinstance(d, int) else {"batch": 1, "seq": seq}.get(d) for d in t.shape]  # None: any size
+        if x.dtype != t.np_dtype or x.ndim != len(want) or any(w not in (None, n) for w, n in zip(want, x.shape)):
+            raise ValueError(f"the family's decoder input {name!r} is {x.dtype} {list(x.shape)}; graph {spec.name!r} "
+                             f"wants {t.dtype} {list(t.shape)} (batch 1, seq {seq})")
 
 
 def _tokenizer(directory: Path, m: Manifest) -> None:

@@ -113,7 +113,7 @@ def test_unknown_architecture_lists_the_supported_ones():
     from vlmdeploy.export.registry import FAMILIES, family_for
 
     with pytest.raises(RecipeError, match=r"not supported; supported: \[.*'LlavaNextForConditionalGeneration'"):
-        family_for(SimpleNamespace(architectures=["MllamaForConditionalGeneration"], model_type="mllama"))
+        family_for(SimpleNamespace(architectures=["PaliGemmaForConditionalGeneration"], model_type="paligemma"))
     assert all(family_for(SimpleNamespace(architectures=[a])).architectures for a in FAMILIES)
 
 

@@ -144,3 +144,20 @@ def test_scheduler_pads_rows_with_fewer_images(exp):
     got = [_text(q) for q in events]
     engine.stop()
     assert got == expected and engine.context.arrays["cross_attention_mask"].shape[2] == 2
+
+
+def test_check_reports_a_context_the_decoder_does_not_take(exp, monkeypatch):
+    """`vlmdeploy check` runs the family's decoder context against the decoder spec."""
+    from vlmdeploy.runtime.check import check_artifact
+    from vlmdeploy.runtime.families.mllama import Mllama
+
+    real = Mllama.decoder_context
+
+    def float_mask(self, ids, items, run):
+        ctx = real(self, ids, items, run)
+        ctx.per_token["cross_attention_mask"] = ctx.per_token["cross_attention_mask"].astype(np.float32)
+        return ctx
+
+    monkeypatch.setattr(Mllama, "decoder_context", float_mask)
+    report = check_artifact(exp.artifact)
+    assert any("'cross_attention_mask' is float32" in line for line in report.failed), report.failed
