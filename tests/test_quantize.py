@@ -114,6 +114,11 @@ def test_int8_prefill_graph_runs_the_prompt_pass_only(tiny, prefill_int8):
     # the same artifact without the int8 prefill: the fp32-weights-free decode graph for every pass
     plain = VLM.load(prefill_int8, int8_prefill=False)
     assert plain.prefill_graph is None and "decoder_gqa_int8" not in plain.runners
+    from vlmdeploy.export.plan import plan_artifact
+
+    llm = plan_artifact(prefill_int8).lines[0]  # the planner counts what the runtime loads
+    files = [f for g in ("embed", "decoder_gqa", "decoder_gqa_int8") for f in (f"{g}.onnx", f"{g}.onnx.data")]
+    assert "decoder_gqa_int8.onnx" in llm.detail and llm.nbytes == sum((prefill_int8 / f).stat().st_size for f in files)
 
 
 def test_int8_prefill_refusals(tiny, prefill_int8, quantized, tmp_path):
