@@ -21,7 +21,7 @@ from .backends import make_runner
 from .families import family_class
 from .families.base import MediaItem
 from .generate import Batch, DecodeLoop
-from .images import ImageError, load_image
+from .images import ImageError, load_image, parallel_map
 from .mrope import left_pad_positions
 from .video import load_video
 from .manifest import ArtifactError, Manifest, load_manifest
@@ -219,7 +219,7 @@ class VLM:
     def _media_items(self, request: _Request) -> list[MediaItem]:
         """The request's images, then its videos, preprocessed (each kind keeps its own order)."""
         try:
-            items = self.family.prepare_images([load_image(i) for i in request.images], **request.sizes)
+            items = self.family.prepare_images(parallel_map(load_image, request.images), **request.sizes)
             for video in request.videos:
                 frames, meta = load_video(*_video_source(video), sampling=self.family.frame_sampling)  # [F, H, W, 3]
                 items.append(self.family.prepare_video(frames, meta.sampled_fps, **request.sizes))
