@@ -113,7 +113,7 @@ def profile_graph(directory: Path, graph: str, threads: int, seq: int) -> None:
     manifest = load_manifest(directory, checksums=False)
     spec = manifest.graphs[graph]
     dims = {"batch": 1, "seq": seq, "past": 0, "total": seq, "capacity": seq, "num_images": 1}
-    feeds = sample_feeds(spec, {d: dims.get(d, 1) for d in spec.dim_names}, manifest.model, np.random.default_rng(0))
+    feeds = sample_feeds(spec, {**{d: 1 for d in spec.dim_names()}, **dims}, manifest.model, np.random.default_rng(0))
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.enable_profiling = threads, True
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +137,7 @@ def profile_graph(directory: Path, graph: str, threads: int, seq: int) -> None:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             by_op[e["args"]["op_name"]] += e["dur"] / 3
     total = sum(by_op.values())
-    print(f"{graph} ({directory}), {threads} threads, one pass at {dims if 'seq' in spec.dim_names else 'one image'}: "
+    print(f"{graph} ({directory}), {threads} threads, one pass at {dims if 'seq' in spec.dim_names() else 'one image'}: "
           f"{total / 1e3:.0f} ms of kernels")
     for op, us in sorted(by_op.items(), key=lambda kv: -kv[1]):
         if us / total >= 0.005:
