@@ -65,13 +65,14 @@ endif
 train-shapes: setup
 	nice -n 5 $(PY) -m vlmdeploy.demo.train --out models/shapes
 
-# Accuracy table of the shapes model: PyTorch and the fp32, fp16 and int8 exports (N held-out questions).
+# Accuracy table of the shapes model: PyTorch and the fp32, fp16, int8-decoder and int8 vision/prefill exports (N held-out questions).
 N ?= 500
 eval-shapes: setup
 	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes --dtype fp32
 	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes-fp16 --dtype fp16
 	$(VENV)/bin/vlmdeploy export --model shapes --out artifacts/shapes-int8 --dtype fp32 --quantize int8
-	$(VENV)/bin/vlmdeploy eval artifacts/shapes artifacts/shapes-fp16 artifacts/shapes-int8 --torch models/shapes --n $(N)
+	$(VENV)/bin/vlmdeploy quantize artifacts/shapes --out artifacts/shapes-int8c --vision --prefill
+	$(VENV)/bin/vlmdeploy eval artifacts/shapes artifacts/shapes-fp16 artifacts/shapes-int8 artifacts/shapes-int8c --torch models/shapes --n $(N)
 
 # A seeded random fp16 checkpoint with a recipe's real shapes (RECIPE=llava: LLaVA-1.5-7B, 14 GB;
 # llava-13b: 27 GB), written one shard at a time: `make bigckpt OUT=/data/llava-7b-random`.

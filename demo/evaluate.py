@@ -16,13 +16,18 @@ from .scorecard import MAX_NEW_TOKENS, PROMPT, Answer, Scorecard, table  # noqa:
 
 
 def variant_name(manifest) -> str:
-    """`fp32` / `fp16`, plus the quantization the manifest records (e.g. `fp32 + int8 decoder`)."""
+    """`fp32` / `fp16`, plus the quantization the manifest records (e.g. `fp32 + int8 decoder`,
+    `fp32 + int8 vision/prefill`)."""
     source = manifest.source or {}
     dtype = str(source.get("dtype") or {"float32": "fp32", "float16": "fp16"}[manifest.model.dims.dtype])
     quant = source.get("quantization")
     if isinstance(quant, dict):
         quant = quant.get("scheme") or quant.get("bits")
-    return f"{dtype} + {quant} decoder" if quant else dtype
+    parts = [dtype, *([f"{quant} decoder"] if quant else [])]
+    computed = source.get("int8_compute")
+    if isinstance(computed, dict) and computed:
+        parts.append("int8 " + "/".join(sorted(computed, reverse=True)))  # vision/prefill
+    return " + ".join(parts)
 
 
 def evaluate_artifact(directory: str | Path, n: int, batch: int = 32, threads: int | None = None, vlm=None) -> Scorecard:

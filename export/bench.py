@@ -223,9 +223,18 @@ def token_ids(vocab: int, length: int, rows: int, seed: int) -> list[list[int]]:
 # artifacts: one checkpoint, exported fp32 and int8, and (optionally) onnxruntime-genai's model
 
 
+# bench variants of the fp32 export (`vlmdeploy quantize`): decode-speed weights, TTFT int8 compute
+VARIANTS = {
+    "int8": {"scheme": "int8"},
+    "int4": {"scheme": "int4"},
+    "int8-compute": {"scheme": None, "vision": True, "prefill": True},  # fp32 decode, int8 image graphs + prefill
+}
+
+
 def prepare(recipe: str, root: Path, quantize: list[str], log) -> dict[str, Path]:
     """Checkpoint + artifacts under `root`, built once and reused."""
     from .exporter import export_model
+    from .quantize import quantize_artifact
     from .recipes import load_recipe
     from .tiny import build_tiny_checkpoint
 
@@ -236,11 +245,14 @@ def prepare(recipe: str, root: Path, quantize: list[str], log) -> dict[str, Path
     if not (paths["checkpoint"] / "config.json").is_file():
         log(f"building the {recipe} checkpoint (seeded random weights)")
         build_tiny_checkpoint(cfg, paths["checkpoint"])
-    for scheme in ["fp32", *quantize]:
-        paths[scheme] = root / scheme
-        if not (paths[scheme] / "manifest.json").is_file():
-            log(f"exporting {scheme}")
-            export_model(str(paths["checkpoint"]), paths[scheme], log=log, quantize=None if scheme == "fp32" else scheme)
+    if not (paths["fp32"] / "manifest.json").is_file():
+        log("exporting fp32")
+        export_model(str(paths["checkpoint"]), paths["fp32"], log=log)
+    for variant in quantize:
+        paths[variant] = root / variant
+        if not (paths[variant] / "manifest.json").is_file():
+            log(f"deriving {variant} from the fp32 export")
+            quantize_artifact(paths["fp32"], paths[variant], log=log, **VARIANTS[variant])
     if _has_genai():
         paths["genai"] = root / "genai"
         if not (paths["genai"] / "genai_config.json").is_file():
@@ -434,7 +446,9 @@ def run_bench(args, log) -> dict:
         "table": table,
         "ratios": {**ratios(table, plan, "vlmdeploy fp32", others),
                    **{f"decode {q}/fp32": table[f"vlmdeploy {q}"][f"tok_s@{plan.contexts[0]}"]["median"]
-                      / table["vlmdeploy fp32"][f"tok_s@{plan.contexts[0]}"]["median"] for q in args.quantize}},
+                      / table["vlmdeploy fp32"][f"tok_s@{plan.contexts[0]}"]["median"] for q in args.quantize},
+                   **{f"ttft {q}/hf": table[f"vlmdeploy {q}"]["ttft_s"]["median"] / table["hf eager fp32"]["ttft_s"]["median"]
+                      for q in args.quantize}},
         "greedy_agreement": agree,
         "floor_ms": {k: v * 1e3 for k, v in floor.items() if v},
     }
@@ -448,7 +462,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 2048])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--quantize", nargs="*", default=["int8", "int4"], choices=["int8", "int4"])
+    p.add_argument("--quantize", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="variants of the fp32 export to measure beside it: int8/int4 decoder weights; int8-compute: "
+                        "the image graphs and the prompt pass in int8 (vlmdeploy quantize --vision --prefill)")
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--threads", type=int, help="threads for every side (ONNX Runtime, torch, onnxruntime-genai); "

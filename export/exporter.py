@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from vlmdeploy.runtime.spec import GraphSpec
 from . import decoder_gqa, onnx_export, registry
 from .components import ExportError
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
-from .quantize import SCHEMES, quantize_graph
+from .quantize import INT8_COMPUTE, SCHEMES, add_int8_compute, quantize_graph
 from .recipes import RecipeError, find_weights, load_recipe, recipe_names
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -74,26 +75,40 @@ def resolve_source(model: str, dtype: str | None):
 
 
 def export_model(model: str, out: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET, log=None,
-                 quantize: str | None = None) -> Manifest:
-    """`quantize`: "int8" | "int4" weight-only quantization of decoder_gqa (the portable decoder stays float)."""
+                 quantize: str | Sequence[str] | None = None) -> Manifest:
+    """`quantize`: any of "int8" | "int4" (weight-only quantization of decoder_gqa; the portable decoder
+    stays float), "vision" (the image graphs compute in int8) and "prefill" (an int8-compute copy of
+    decoder_gqa for the prompt pass); export/quantize.py."""
     log = log or Progress()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise RecipeError(f"--opset {opset!r} not supported; allowed: {MIN_OPSET}..{MAX_OPSET} (torch.onnx's dynamo "
                           "exporter and the decoder_gqa builder need at least 18)")
-    if quantize is not None and quantize not in SCHEMES:
-        raise RecipeError(f"--quantize {quantize!r} not one of {sorted(SCHEMES)}")
+    scheme, int8_compute = _quantize_choices(quantize)
     check_export_target(Path(out))  # before minutes of work
     with resolve_source(model, dtype) as src, staging_dir(Path(out), check_export_target) as tmp:
         log(f"checkpoint {src.checkpoint} ({src.dtype}, opset {opset})")
-        manifest = _export_into(src, tmp, opset, log, quantize)
+        manifest = _export_into(src, tmp, opset, log, scheme, int8_compute)
         manifest.write(tmp)
     log(f"done: {Path(out)}")
     return manifest
 
 
-def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) -> Manifest:
+def _quantize_choices(quantize: str | Sequence[str] | None) -> tuple[str | None, tuple[str, ...]]:
+    """--quantize's values -> (decoder_gqa's weight scheme or None, the int8-compute kinds)."""
+    given = [quantize] if isinstance(quantize, str) else list(quantize or [])
+    allowed = [*SCHEMES, *INT8_COMPUTE]
+    bad = [q for q in given if q not in allowed]
+    if bad:
+        raise RecipeError(f"--quantize {' '.join(map(str, bad))}: not one of {allowed}")
+    schemes = [q for q in given if q in SCHEMES]
+    if len(schemes) > 1:
+        raise RecipeError(f"--quantize takes one weight scheme, got {schemes}; choose int8 or int4")
+    return (schemes[0] if schemes else None), tuple(q for q in INT8_COMPUTE if q in given)
+
+
+def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None, int8_compute=()) -> Manifest:
     family, model, files, tokenizer = _load(src, log)
     dtype = TORCH_DTYPES[src.dtype]
     facts = family.model_facts(model, files, tokenizer, dtype)
@@ -113,6 +128,10 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
         log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs PyTorch max abs diff {validation[name]['max_abs_diff']:.2e}")
     if "decoder_gqa" not in specs:
         facts = dataclasses.replace(facts, pipeline={**facts.pipeline, "decoders": ["decoder"]})
+    try:  # before the weights: the int8 prefill graph derives from fp32 decoder_gqa
+        facts, computed = add_int8_compute(tmp, facts, specs, int8_compute, validation, log) if int8_compute else (facts, {})
+    except ValueError as e:
+        raise RecipeError(f"--quantize {' '.join(int8_compute)}: {e}") from None
     quantization = _quantize(family, model, facts, specs, modules, tmp, quantize, validation, log) if quantize else None
     for name, array in family.tensors(model, dtype).items():
         np.save(tmp / facts.tensors[name], array, allow_pickle=False)
@@ -131,7 +150,7 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
         validation=validation,
         versions=_versions(),
         source={"checkpoint": str(src.checkpoint), "recipe": src.recipe, "dtype": src.dtype, "opset": opset,
-                "quantization": quantization},
+                "quantization": quantization, **({"int8_compute": computed} if computed else {})},
     )
 
 

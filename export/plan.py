@@ -490,6 +490,7 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     pipeline = facts.pipeline
     decoder = pipeline["decoders"][0]  # what VLM.load picks on ONNX Runtime (the first the pipeline lists)
     chain, embed = list(pipeline["image"]), pipeline["embed"]
+    prefill = [g for g in [pipeline.get("prefill", {}).get(decoder)] if g]  # the int8 prompt-pass graph, also loaded
     family = family_class(facts.family)
     visual, rule = family.visual_tokens(m.preprocess, workload.image_sizes, d.vision_tokens, tuple(d.image_size), facts)
     budget = _budget(visual, workload.image_sizes)
@@ -508,7 +509,8 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     kv_layers = tuple(facts.kv_layers)
     vision_graphs, projector = chain[:-1] or chain, chain[-1:] if len(chain) > 1 else []
     lines = [
-        Line("LLM weights", size[embed] + size[decoder], None, f"{embed}.onnx + {decoder}.onnx (files)"),
+        Line("LLM weights", size[embed] + size[decoder] + sum(size[g] for g in prefill), None,
+             " + ".join(f"{g}.onnx" for g in [embed, decoder, *prefill]) + " (files)"),
         Line("vision encoder", sum(size[g] for g in vision_graphs), None,
              " + ".join(f"{g}.onnx" for g in vision_graphs) + " (files)"),
         Line("projector", sum(size[g] for g in projector) + sum(tensors.values()), None,
@@ -517,7 +519,7 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
         *_request_kv_lines(family, facts, w),
         Line("activations (estimate)", act_elems * np.dtype(act).itemsize, None, "prefill peak over the whole context"),
     ]
-    loaded = set(chain) | {embed, decoder}
+    loaded = set(chain) | {embed, decoder, *prefill}
     unused = sorted(g for g in m.graphs if g not in loaded)
     notes = _visual_notes(family, visual, budget, w, video)
     notes += _window_note(kv_layers, w, act)
@@ -526,6 +528,10 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     quantization = (m.source or {}).get("quantization")
     if isinstance(quantization, dict):
         notes.append(f"decoder_gqa weights quantized to {quantization.get('scheme')} at export (the file sizes above)")
+    computed = (m.source or {}).get("int8_compute") or {}
+    if computed:
+        notes.append(f"int8 compute for {' and '.join(sorted(computed, reverse=True))} (`--quantize vision prefill`)"
+                     + (f": {prefill[0]} runs the prompt pass, {decoder} the decode steps" if prefill else ""))
     return Plan(f"{directory} (exported {facts.family}, runtime uses `{decoder}`)", have, w.context, w.batch, w.images,
                 tuple(lines), tuple(notes), facts.family, visual, rule)
 

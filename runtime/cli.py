@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], help="default: the recipe's; fp32 for a directory")
     e.add_argument("--opset", type=int, default=18)
-    e.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the ONNX Runtime decoder")
+    e.add_argument("--quantize", nargs="+", choices=["int8", "int4", "vision", "prefill"], metavar="KIND",
+                   help="int8|int4: decoder_gqa's weights (decode speed); vision: the image graphs compute in int8; "
+                        "prefill: an int8-compute decoder for the prompt pass (time to first token); e.g. "
+                        "--quantize int4 vision prefill")
     e.set_defaults(func=_export)
 
     t = sub.add_parser("triton-repo", help="a Triton Inference Server model repository (Python backend, streaming)")
@@ -56,13 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores)")
     t.set_defaults(func=_triton_repo)
 
-    q = sub.add_parser("quantize", help="a copy of an artifact with decoder_gqa's weights int8/int4 (no re-export)")
+    q = sub.add_parser("quantize", help="a copy of an artifact with int8/int4 weights and/or int8-compute graphs (no re-export)")
     q.add_argument("dir", help="an exported fp32 artifact directory (left as it is)")
     q.add_argument("--out", required=True, help="where the quantized artifact is written")
     q.add_argument("--scheme", choices=["int8", "int4"], help="decoder_gqa's weights (int8 / int4 blocks)")
     q.add_argument("--vision", action="store_true",
                    help="the image graphs (vision tower, projector) compute in int8: dynamic quantization of their "
                         "MatMuls (VNNI / AMX kernels); norms and softmax stay fp32")
+    q.add_argument("--prefill", action="store_true",
+                   help="add an int8-compute copy of decoder_gqa that runs the prompt pass (decode keeps decoder_gqa)")
     q.set_defaults(func=_quantize)
 
     r = sub.add_parser("run", help="generate an answer with an exported model")
@@ -144,9 +149,10 @@ def _quantize(args) -> int:
         print(f"vlmdeploy quantize: error: it needs onnx ({e.name} is missing); install: pip install 'vlmdeploy[export]'",
               file=sys.stderr)
         return 2
-    scheme = "int8" if args.scheme is None and not args.vision else args.scheme  # bare `quantize`: int8 weights
-    quantize_artifact(Path(args.dir), Path(args.out), scheme,
-                      log=lambda m: print(f"[quantize] {m}", file=sys.stderr, flush=True), vision=args.vision)
+    bare = args.scheme is None and not (args.vision or args.prefill)
+    scheme = "int8" if bare else args.scheme  # bare `quantize`: int8 weights
+    quantize_artifact(Path(args.dir), Path(args.out), scheme, vision=args.vision, prefill=args.prefill,
+                      log=lambda m: print(f"[quantize] {m}", file=sys.stderr, flush=True))
     return 0
 
 

@@ -127,10 +127,12 @@ class HostMemory:
 class DecodeLoop:
     """Drives the embed graph and one decoder graph over a batch; `memory` places the tensors."""
 
-    def __init__(self, embed: Runner, decoder: Runner, facts: ModelFacts, memory=None):
+    def __init__(self, embed: Runner, decoder: Runner, facts: ModelFacts, memory=None, prefill: Runner | None = None):
         """`memory`: one shared memory (the GPU's, allocated once at the engines' limits: generations
-        take turns on it); None: fresh host memory per generation, so threads can share the loop."""
-        self.embed, self.decoder, self.facts = embed, decoder, facts
+        take turns on it); None: fresh host memory per generation, so threads can share the loop.
+        `prefill`: a graph with the decoder's inputs and outputs that runs every pass of more than one
+        token (the prompt; the server's prefill chunks), e.g. decoder_gqa_int8; decode steps run `decoder`."""
+        self.embed, self.decoder, self.facts, self.prefill = embed, decoder, facts, prefill or decoder
         self.shared_memory = memory
         self._turn = threading.Lock()
         self.positions = position_scheme(facts.positions)
@@ -198,7 +200,7 @@ class DecodeLoop:
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ascontiguousarray(mask), "position_ids": positions,
                  **cache.past(), **(extra or {})}
         out = {**_out("logits", memory.logits(b, s)), **cache.present(s)}
-        logits = self.decoder.run(feeds, out=out)["logits"]
+        logits = (self.prefill if s > 1 else self.decoder).run(feeds, out=out)["logits"]  # compute- vs bandwidth-bound
         cache.advance(s)
         return logits
 

@@ -13,8 +13,9 @@ import io
 import math
 import os
 import stat
+import threading
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -88,6 +89,27 @@ class ImageError(ValueError):
 MAX_FILE_BYTES = 64 << 20  # an image file or bytes object
 MAX_DECODED_PIXELS = 64_000_000  # width x height of the decoded image
 MAX_RESIZED_PIXELS = 64_000_000  # width x height after a processor's resize rule (extreme aspect ratios)
+
+
+_POOL_NAME = "vlmdeploy-preprocess"
+_pool_lock = threading.Lock()
+_pool: list = []  # one thread pool for the process, made on first use
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence) -> list:
+    """[fn(x) for x in items], the items spread over the cores this process may use: decoding and
+    resizing run in Pillow's C code with the GIL released, so the images of one call preprocess in
+    parallel. One item, one core, or a call from inside the pool (no nested waits): in this thread.
+    The first failing item's exception propagates."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if len(items) < 2 or workers < 2 or threading.current_thread().name.startswith(_POOL_NAME):
+        return [fn(x) for x in items]
+    with _pool_lock:
+        if not _pool:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool.append(ThreadPoolExecutor(workers, thread_name_prefix=_POOL_NAME))
+    return list(_pool[0].map(fn, items))
 
 
 def load_image(source: Any, exif_transpose: bool | None = None) -> Image.Image:
@@ -262,7 +284,7 @@ class ImagePreprocessor:
         if image.width == 0 or image.height == 0:
             raise ImageError(f"images[{i}] is empty ({image.width}x{image.height} pixels)")
         try:
-            pixels = self._rgb(image, i)  # [h, w, 3] uint8
+            pixels = self._geometry(self._rgb(image, i))  # [H, W, 3] uint8
         except OSError as e:  # a lazily opened file that fails to decode
             raise ImageError(f"images[{i}] is not a readable image: {e}") from e
         except ImageError:
@@ -270,44 +292,53 @@ class ImagePreprocessor:
         except ValueError as e:  # e.g. Pillow has no conversion from this mode
             mode = image.mode
             raise ImageError(f"images[{i}] (mode {mode!r}) cannot be converted to RGB: {e}") from e
-        return self._transform(pixels).transpose(2, 0, 1)  # [3, H, W]
+        return self._normalized(pixels)  # [3, H, W]
 
-    def _rgb(self, image: Image.Image, i: int) -> np.ndarray:
+    def _rgb(self, image: Image.Image, i: int) -> Image.Image:
         if self.do_convert_rgb:
-            return np.asarray(to_rgb(image))
+            return to_rgb(image)
         if image.mode != "RGB":
             raise ImageError(
                 f"images[{i}] has mode {image.mode!r} but do_convert_rgb is off; "
                 "only RGB is allowed"
             )
-        return np.asarray(image)
+        return image
 
-    def _transform(self, pixels: np.ndarray) -> np.ndarray:
-        """[h, w, 3] uint8 -> [H, W, 3] float32."""
+    def _geometry(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> [H, W, 3] uint8: pad, resize, crop. The resize reads the PIL image as it is (no
+        round trip of the full-size picture through numpy, which HF makes: same pixels, fewer copies)."""
         if self.do_pad:
-            pixels = pad_to_square(pixels, _pad_color(self.image_mean))
-        if self.do_resize:
-            pixels = self._resize(pixels)
-        if self.do_center_crop:
-            pixels = center_crop(pixels, self.crop_size)
-        if self.do_rescale:
-            x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)  # as HF
-        else:
-            x = pixels.astype(np.float32)
-        if self.do_normalize:
-            mean = np.asarray(self.image_mean, np.float32)
-            x = (x - mean) / np.asarray(self.image_std, np.float32)  # float32 throughout, as HF
-        return x
+            image = Image.fromarray(pad_to_square(np.asarray(image), _pad_color(self.image_mean)))
+        pixels = np.asarray(self._resize(image) if self.do_resize else image)
+        return center_crop(pixels, self.crop_size) if self.do_center_crop else pixels
 
-    def _resize(self, pixels: np.ndarray) -> np.ndarray:
-        h, w = pixels.shape[:2]
+    def _normalized(self, pixels: np.ndarray) -> np.ndarray:
+        """[H, W, 3] uint8 -> [3, H, W] float32, through a per-channel table of the 256 values, each
+        computed with HF's arithmetic (so equal to it bit for bit) instead of float math per pixel."""
+        return np.ascontiguousarray(self._value_table()[pixels, np.arange(3)].transpose(2, 0, 1))
+
+    def _value_table(self) -> np.ndarray:
+        """[256, 3] float32: uint8 value, channel -> rescaled and normalized as HF does it."""
+        table = self.__dict__.get("_table")
+        if table is None:
+            x = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]
+            if self.do_rescale:
+                x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)  # as HF
+            else:
+                x = x.astype(np.float32)
+            if self.do_normalize:
+                x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)  # float32, as HF
+            table = self.__dict__["_table"] = x
+        return table
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
         oh, ow = self.size_hw or shortest_edge_size(h, w, self.shortest_edge)
         if oh * ow > MAX_RESIZED_PIXELS:
             raise ImageError(f"a {w}x{h} image would be resized to {ow}x{oh} (the processor keeps the aspect ratio), "
                              f"over the budget of {MAX_RESIZED_PIXELS:,} pixels; crop or pad it to a less extreme "
                              "aspect ratio")
-        resized = Image.fromarray(pixels).resize((ow, oh), resample=self.resample)
-        return np.asarray(resized)  # [oh, ow, 3] uint8
+        return image.resize((ow, oh), resample=self.resample)
 
     def _fixed_size(self) -> tuple[int, int] | None:
         if self.do_center_crop:
@@ -330,7 +361,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") of an RGB image is a copy
 
 
 def shortest_edge_size(h: int, w: int, shortest_edge: int) -> tuple[int, int]:

@@ -110,6 +110,9 @@ class ModelFacts:
         require(isinstance(p, Mapping) and isinstance(p.get("image"), list) and p["image"] and all(map(is_name, p["image"]))
                 and is_name(p.get("embed")) and isinstance(p.get("decoders"), list) and all(map(is_name, p["decoders"])),
                 f"pipeline must be {{image: [graph names, at least one], embed: graph name, decoders: [graph names]}}, got {p!r}")
+        prefill = p.get("prefill", {})
+        require(isinstance(prefill, Mapping) and all(d in p["decoders"] and is_name(g) for d, g in prefill.items()),
+                f"pipeline.prefill must map a decoder of pipeline.decoders to the graph its prompt pass runs, got {prefill!r}")
         require(isinstance(self.tensors, Mapping) and all(is_name(k) and is_name(v) for k, v in self.tensors.items()),
                 f"tensors must map names to .npy files, got {self.tensors!r}")
         require(isinstance(self.limits, Mapping) and all(v is None or is_int(v) for v in self.limits.values()),
@@ -380,9 +383,12 @@ def _check_meaning(m: "Manifest") -> None:
 def _check_references(m: "Manifest") -> None:
     """Graphs and tensors the model names exist and are files the manifest checksums."""
     p = m.model.pipeline
-    for g in [*p.get("image", []), p["embed"], *p["decoders"]]:
+    for g in [*p.get("image", []), p["embed"], *p["decoders"], *p.get("prefill", {}).values()]:
         if g not in m.graphs:
             raise ValueError(f"pipeline names graph {g!r} but the manifest has only {sorted(m.graphs)}")
+    for decoder, graph in p.get("prefill", {}).items():
+        if graph in m.graphs and m.graphs[graph].to_dict() | {"name": decoder} != m.graphs[decoder].to_dict():
+            raise ValueError(f"prefill graph {graph!r} must have the inputs and outputs of {decoder!r}, which it stands in for")
     if not p["decoders"]:
         raise ValueError("pipeline lists no decoder graph")
     for name, file in {**m.graph_files, **m.model.tensors}.items():

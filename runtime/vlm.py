@@ -21,7 +21,7 @@ from .backends import make_runner
 from .families import family_class
 from .families.base import MediaItem
 from .generate import Batch, DecodeLoop
-from .images import ImageError, load_image
+from .images import ImageError, load_image, parallel_map
 from .mrope import left_pad_positions
 from .video import load_video
 from .manifest import ArtifactError, Manifest, load_manifest
@@ -47,7 +47,8 @@ class _Request:
 
 
 class VLM:
-    def __init__(self, directory: Path, manifest: Manifest, backend: str, threads: int | None, decoder: str | None):
+    def __init__(self, directory: Path, manifest: Manifest, backend: str, threads: int | None, decoder: str | None,
+                 int8_prefill: bool = True):
         self.directory, self.manifest, self.backend, self.threads = directory, manifest, backend, threads
         self.facts = manifest.model
         tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in self.facts.tensors.items()}
@@ -62,7 +63,10 @@ class VLM:
         self.chat_template = (directory / manifest.chat_template_file).read_text() if manifest.chat_template_file else None
         self.decoder_graph = decoder or _pick_decoder(manifest, backend)
         pipeline = self.facts.pipeline
-        graphs = [*pipeline["image"], pipeline["embed"], self.decoder_graph]
+        # an int8-compute prompt-pass graph (`--quantize prefill`), ONNX Runtime only
+        ort = backend.startswith("ort")
+        self.prefill_graph = pipeline.get("prefill", {}).get(self.decoder_graph) if ort and int8_prefill else None
+        graphs = [*pipeline["image"], pipeline["embed"], self.decoder_graph, *filter(None, [self.prefill_graph])]
         self.runners = {name: self._runner(name) for name in graphs}
         self.decoder = self._decoder()
 
@@ -73,14 +77,16 @@ class VLM:
             from .tensorrt.decode import device_decode_loop
 
             return device_decode_loop(self.directory, embed, decoder, self.facts)
-        return DecodeLoop(embed, decoder, self.facts)
+        prefill = self.runners[self.prefill_graph] if self.prefill_graph else None
+        return DecodeLoop(embed, decoder, self.facts, prefill=prefill)
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True,
-             decoder: str | None = None) -> "VLM":
+             decoder: str | None = None, int8_prefill: bool = True) -> "VLM":
         """Open an artifact directory. `verify` checks every file's sha256 against the manifest.
         `decoder`: "decoder_gqa" (in-place KV cache, ONNX Runtime only) or "decoder" (portable);
-        default: the fastest one the artifact has for the backend."""
+        default: the fastest one the artifact has for the backend. `int8_prefill`: run the prompt
+        pass on the artifact's int8-compute prefill graph where it has one (`--quantize prefill`)."""
         directory = Path(directory)
         check_threads(threads)  # before anything is read
         manifest = load_manifest(directory, checksums=verify)
@@ -91,7 +97,7 @@ class VLM:
         decoders = manifest.model.pipeline["decoders"]
         if decoder is not None and decoder not in decoders:
             raise ArtifactError(f"{directory} has no decoder graph {decoder!r}; its decoders are {decoders}")
-        return cls(directory, manifest, backend, threads, decoder)
+        return cls(directory, manifest, backend, threads, decoder, int8_prefill)
 
     def _runner(self, name: str):
         m = self.manifest
@@ -216,7 +222,7 @@ class VLM:
     def _media_items(self, request: _Request) -> list[MediaItem]:
         """The request's images, then its videos, preprocessed (each kind keeps its own order)."""
         try:
-            items = self.family.prepare_images([load_image(i) for i in request.images], **request.sizes)
+            items = self.family.prepare_images(parallel_map(load_image, request.images), **request.sizes)
             for video in request.videos:
                 frames, meta = load_video(*_video_source(video), sampling=self.family.frame_sampling)  # [F, H, W, 3]
                 items.append(self.family.prepare_video(frames, meta.sampled_fps, **request.sizes))

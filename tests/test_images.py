@@ -668,3 +668,41 @@ def test_siglip_bit_rejects(d, words):
         ImagePreprocessor.from_hf_config(d)
     for word in words:
         assert word in str(err.value)
+
+
+def test_parallel_map_keeps_order_spreads_work_and_raises_the_first_error(monkeypatch):
+    import os
+    import threading
+
+    from vlmdeploy.runtime import images as images_mod
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # two cores, whatever the host has
+    barrier = threading.Barrier(2, timeout=10)  # both items must be in flight at once, else this times out
+
+    def work(x):
+        barrier.wait()
+        return x * 10, threading.current_thread().name
+
+    out = images_mod.parallel_map(work, [1, 2])
+    assert [v for v, _ in out] == [10, 20] and all(n.startswith("vlmdeploy-preprocess") for _, n in out)
+    # nested: a call from a pool thread runs in that thread (no waits on a pool it occupies)
+    nested = images_mod.parallel_map(lambda x: images_mod.parallel_map(lambda y: y + x, [1, 2, 3]), list(range(6)))
+    assert nested == [[1 + x, 2 + x, 3 + x] for x in range(6)]
+
+    def fail(x):
+        if x in (3, 5):
+            raise ValueError(f"bad item {x}")
+        return x
+
+    with pytest.raises(ValueError, match="bad item 3"):
+        images_mod.parallel_map(fail, list(range(8)))
+    assert images_mod.parallel_map(str, [7]) == ["7"]
+
+
+def test_value_table_normalization_equals_hf_arithmetic_for_every_byte():
+    """The per-channel table of 256 values is HF's rescale (float64 -> float32) and normalize (float32)."""
+    pre = ImagePreprocessor(shortest_edge=4, crop_size=(4, 4), image_mean=(0.1, 0.5, 0.9), image_std=(0.3, 0.2, 0.7))
+    pixels = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)  # every value in every channel
+    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    want = ((x - np.asarray(pre.image_mean, np.float32)) / np.asarray(pre.image_std, np.float32)).transpose(2, 0, 1)
+    assert np.array_equal(pre._normalized(pixels), want)

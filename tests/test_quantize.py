@@ -3,6 +3,7 @@ int8/int4, without re-exporting; the same graph `export --quantize` writes, the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -57,10 +58,11 @@ def test_vision_int8_compute(tiny, tmp_path):
     out = tmp_path / "vision-int8"
     assert main(["quantize", str(tiny.artifact), "--out", str(out), "--vision"]) == 0
     vlm = VLM.load(out)
-    record = vlm.manifest.source["vision_quantization"]
-    assert record["graphs"] == ["vision", "projector"] and vlm.manifest.source.get("quantization") is None
-    assert vlm.manifest.validation["vision_int8"]["cosine"] > 0.99
+    record = vlm.manifest.source["int8_compute"]
+    assert list(record) == ["vision"] and record["vision"]["graphs"] == ["vision", "projector"]
+    assert vlm.manifest.source.get("quantization") is None and vlm.prefill_graph is None
     for graph in ("vision", "projector"):
+        assert vlm.manifest.validation[f"{graph}_int8"]["cosine"] > 0.99
         assert b"MatMulInteger" in (out / f"{graph}.onnx").read_bytes()
     assert sha256_file(out / "decoder_gqa.onnx.data") == sha256_file(tiny.artifact / "decoder_gqa.onnx.data")
     assert len(vlm.generate(PROMPT, [photo("coffee")], max_new_tokens=4, ignore_eos=True).token_ids) == 4
@@ -68,3 +70,81 @@ def test_vision_int8_compute(tiny, tmp_path):
         from vlmdeploy.export.quantize import quantize_artifact
 
         quantize_artifact(out, tmp_path / "again", None, vision=True)
+
+
+class CountingRunner:
+    """Wraps a runner; records the sequence length of each pass."""
+
+    def __init__(self, runner, seen: list):
+        self.runner, self.seen, self.spec = runner, seen, runner.spec
+
+    def run(self, feeds, out=None):
+        self.seen.append((self.spec.name, feeds["inputs_embeds"].shape[1]))
+        return self.runner.run(feeds, out=out)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+@pytest.fixture(scope="module")
+def prefill_int8(tiny, tmp_path_factory):
+    """`quantize --prefill --vision --scheme int4`: decoder_gqa_int8 (from fp32 decoder_gqa) for the prompt
+    pass, decoder_gqa's weights int4 for the steps, int8-compute image graphs."""
+    out = tmp_path_factory.mktemp("p") / "prefill"
+    assert main(["quantize", str(tiny.artifact), "--out", str(out), "--prefill", "--vision", "--scheme", "int4"]) == 0
+    return out
+
+
+def test_int8_prefill_graph_runs_the_prompt_pass_only(tiny, prefill_int8):
+    from vlmdeploy.runtime.generate import DecodeLoop
+
+    vlm = VLM.load(prefill_int8)
+    m = vlm.manifest
+    assert m.model.pipeline["prefill"] == {"decoder_gqa": "decoder_gqa_int8"} and vlm.prefill_graph == "decoder_gqa_int8"
+    assert m.source["int8_compute"]["prefill"]["graph"] == "decoder_gqa_int8" and m.source["quantization"]["bits"] == 4
+    assert b"MatMulInteger" in (prefill_int8 / "decoder_gqa_int8.onnx").read_bytes()
+    assert b"MatMulNBits" in (prefill_int8 / "decoder_gqa.onnx").read_bytes()  # decode: the int4 weights
+    assert m.validation["decoder_gqa_int8"]["cosine"] > 0.99
+    seen = []
+    runners = {g: CountingRunner(vlm.runners[g], seen) for g in ("decoder_gqa", "decoder_gqa_int8")}
+    vlm.decoder = DecodeLoop(vlm.runners["embed"], runners["decoder_gqa"], vlm.facts, prefill=runners["decoder_gqa_int8"])
+    result = vlm.generate(PROMPT, [photo("coffee")], max_new_tokens=5, ignore_eos=True)
+    assert len(result.token_ids) == 5 and seen[0][0] == "decoder_gqa_int8" and seen[0][1] > 1
+    assert seen[1:] == [("decoder_gqa", 1)] * 4
+    # the same artifact without the int8 prefill: the fp32-weights-free decode graph for every pass
+    plain = VLM.load(prefill_int8, int8_prefill=False)
+    assert plain.prefill_graph is None and "decoder_gqa_int8" not in plain.runners
+    from vlmdeploy.export.plan import plan_artifact
+
+    llm = plan_artifact(prefill_int8).lines[0]  # the planner counts what the runtime loads
+    files = [f for g in ("embed", "decoder_gqa", "decoder_gqa_int8") for f in (f"{g}.onnx", f"{g}.onnx.data")]
+    assert "decoder_gqa_int8.onnx" in llm.detail and llm.nbytes == sum((prefill_int8 / f).stat().st_size for f in files)
+
+
+def test_int8_prefill_refusals(tiny, prefill_int8, quantized, tmp_path):
+    from vlmdeploy.export.quantize import quantize_artifact
+
+    with pytest.raises(ArtifactError, match="prefill graph is already int8"):
+        quantize_artifact(prefill_int8, tmp_path / "a", None, prefill=True)
+    with pytest.raises(ArtifactError, match="already quantized"):  # its decoder_gqa is no longer fp32
+        quantize_artifact(quantized, tmp_path / "b", None, prefill=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_export_quantize_kinds_equal_quantize_of_the_fp32_export(tiny, prefill_int8, tmp_path):
+    """`export --quantize int4 vision prefill` writes the graphs `quantize --scheme int4 --vision --prefill`
+    derives from the fp32 export, byte for byte."""
+    assert main(["export", "--model", str(tiny.checkpoint), "--out", str(tmp_path / "e"),
+                 "--quantize", "int4", "vision", "prefill"]) == 0
+    for f in ("vision.onnx.data", "projector.onnx.data", "decoder_gqa_int8.onnx.data", "decoder_gqa.onnx.data"):
+        assert sha256_file(tmp_path / "e" / f) == sha256_file(prefill_int8 / f), f
+    exported = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert exported["model"]["pipeline"]["prefill"] == {"decoder_gqa": "decoder_gqa_int8"}
+    assert set(exported["source"]["int8_compute"]) == {"vision", "prefill"}
+
+
+@pytest.mark.parametrize("kinds, error", [(["int8", "int4"], "one weight scheme"), (["fp8"], "invalid choice")])
+def test_export_quantize_kinds_refused(tiny, tmp_path, capsys, kinds, error):
+    with pytest.raises(SystemExit) if kinds == ["fp8"] else contextlib.nullcontext():
+        assert main(["export", "--model", str(tiny.checkpoint), "--out", str(tmp_path / "e"), "--quantize", *kinds]) == 2
+    assert error in capsys.readouterr().err and not (tmp_path / "e").exists()

@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..images import parallel_map
 from ..manifest import ArtifactError, ModelFacts
 from ..text import expand_placeholders
 
@@ -97,7 +98,7 @@ class Family:
     def prepare_images(self, images: list, **options) -> list[MediaItem]:
         """The decoded images of one prompt, in order (a family whose preprocessing depends on how
         many images share the prompt overrides this)."""
-        return [self.prepare(i, **options) for i in images]
+        return parallel_map(lambda image: self.prepare(image, **options), images)
 
     def prepare_video(self, frames, fps: float | None = None, **options) -> MediaItem:
         """frames [F, H, W, 3] uint8 (runtime/video.py) sampled at `fps` -> its MediaItem."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import onevision as ov
 from ..video import FrameSampling
+from ..images import parallel_map
 from .base import Family, ImageTokens, MediaItem
 
 
@@ -37,7 +38,7 @@ class LlavaOnevision(Family):
 
     def prepare_images(self, images, **options) -> list[MediaItem]:
         """HF's processor tiles an image only when it is its prompt's one image."""
-        return [self.prepare(i, multi_image=len(images) > 1, **options) for i in images]
+        return parallel_map(lambda image: self.prepare(image, multi_image=len(images) > 1, **options), images)
 
     def prepare_video(self, frames, fps=None, **options) -> MediaItem:
         pixels = ov.preprocess_video(frames, self.video_params)  # [F, 3, S, S]
