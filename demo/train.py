@@ -51,6 +51,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 class TrainConfig:
     seed: int = 0
     # model
+    image_size: int = 84  # shapes.IMAGE_SIZE; larger sizes re-render the same scenes (shapes.at_size)
     patch_size: int = 28  # one patch per grid cell: 3x3 visual tokens
     vision_hidden: int = 128
     vision_layers: int = 4
@@ -62,6 +63,7 @@ class TrainConfig:
     text_kv_heads: int = 4
     text_intermediate: int = 384
     context_length: int = 256
+    init_text_from: str = ""  # a shapes checkpoint dir whose language model (and lm_head) to start from
     text_init_std: float = 0.08  # ~1/sqrt(hidden). HF's 0.02 suits 4096-wide models; here it learned
     # a lookup task 5x slower (loss 0.30 vs 0.06 after 400 steps)
     # optimisation
@@ -75,6 +77,19 @@ class TrainConfig:
     eval_n: int = 500
     log_every: int = 100
     eval_every: int = 0  # steps between quick held-out checks (0: none)
+
+
+# The shipped models: `make train-shapes` (models/shapes) and `make train-shapes-hd` (models/shapes-hd).
+# shapes-hd draws the same scenes at 168 px with 14 px patches: 12x12 = 144 visual tokens, 4x4 per
+# grid cell, enough to measure visual-token compression on (docs/PERFORMANCE.md).
+PRESETS = {
+    "shapes": TrainConfig(),
+    # From scratch, 144 tokens cost ~10x the compute per step of 9: the language model starts from
+    # models/shapes' (same tokenizer and sizes; it already answers from visual tokens that the
+    # CellProbe aligns with its word embeddings), so 700 steps of 16 fit in ~25 min on one core.
+    "shapes-hd": TrainConfig(image_size=168, patch_size=14, init_text_from="models/shapes", steps=700, batch=16,
+                             lr=1e-3, warmup=50),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +117,7 @@ def build_tokenizer():
 def build_processor(tokenizer, cfg: TrainConfig):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    size = shapes.IMAGE_SIZE
+    size = cfg.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )
@@ -118,7 +133,7 @@ def build_model(cfg: TrainConfig, tokenizer):
     vocab = 8 * math.ceil(len(tokenizer) / 8)
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=shapes.IMAGE_SIZE, patch_size=cfg.patch_size,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
         projection_dim=cfg.vision_hidden,
     )
     text = LlamaConfig(
@@ -134,10 +149,22 @@ def build_model(cfg: TrainConfig, tokenizer):
     )
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
+    if cfg.init_text_from:
+        _load_text_model(model, Path(cfg.init_text_from))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def _load_text_model(model, checkpoint: Path) -> None:
+    """Copy the language model and lm_head of a trained shapes checkpoint (same tokenizer and text sizes)."""
+    from transformers import LlavaForConditionalGeneration
+
+    source = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    # load_state_dict (strict) refuses a checkpoint of other text sizes, naming the tensors
+    model.model.language_model.load_state_dict(source.model.language_model.state_dict())
+    model.lm_head.load_state_dict(source.lm_head.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +179,7 @@ class Batcher:
 
     def __init__(self, processor, cfg: TrainConfig):
         self.processor, self.tokenizer = processor, processor.tokenizer
-        self.image_tokens = IMAGE * (shapes.IMAGE_SIZE // cfg.patch_size) ** 2  # LlavaProcessor's expansion ("default": no CLS)
+        self.image_tokens = IMAGE * (cfg.image_size // cfg.patch_size) ** 2  # LlavaProcessor's expansion ("default": no CLS)
 
     def __call__(self, batch: list[shapes.Example]) -> dict[str, torch.Tensor]:
         rows = [self._row(ex) for ex in batch]
@@ -201,7 +228,7 @@ class CellProbe(torch.nn.Module):
 
     def __init__(self, model, cfg: TrainConfig, tokenizer):
         super().__init__()
-        c, self.side = cfg.text_hidden, shapes.IMAGE_SIZE // cfg.patch_size  # side: tokens per row
+        c, self.side = cfg.text_hidden, cfg.image_size // cfg.patch_size  # side: tokens per row
         self.kind, self.color = torch.nn.Linear(c, len(shapes.SHAPES) + 1), torch.nn.Linear(c, len(shapes.COLORS) + 1)
         self._embeddings = [model.get_input_embeddings()]  # a list: not a submodule (its weight is the model's)
         self._word = tokenizer.convert_tokens_to_ids
@@ -270,7 +297,7 @@ def train(cfg: TrainConfig, log=print):
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {cfg.steps} steps x {cfg.batch}")
     start, smoothed = time.perf_counter(), None
     for step in range(cfg.steps):
-        examples = list(shapes.examples("train", cfg.batch, start=step * cfg.batch))
+        examples = list(shapes.examples("train", cfg.batch, start=step * cfg.batch, size=cfg.image_size))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = batcher(examples)
@@ -329,7 +356,7 @@ def evaluate_torch(checkpoint_or_model, n: int, batch: int = 50, processor=None,
         processor = AutoProcessor.from_pretrained(model)
         model = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
     card = Scorecard(name, "pytorch fp32")
-    examples = list(shapes.examples("heldout", n))
+    examples = list(shapes.examples("heldout", n, size=model.config.vision_config.image_size))
     for i in range(0, n, batch):
         card.extend(torch_answers(model, processor, examples[i : i + batch]))
     return card
@@ -345,10 +372,12 @@ def save(model, processor, out: Path, record: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlmdeploy.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/shapes", help="checkpoint directory to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="shapes", help="settings to start from (flags below override)")
     for f in dataclasses.fields(TrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default: {f.default}")
     args = p.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    preset = PRESETS[args.preset]
+    cfg = dataclasses.replace(preset, **{f.name: v for f in dataclasses.fields(TrainConfig) if (v := getattr(args, f.name)) is not None})
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cpu0, load0 = time.process_time(), os.getloadavg()[0]
     model, processor, train_s = train(cfg, log)
