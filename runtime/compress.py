@@ -71,6 +71,35 @@ class Compression:
         return top_k(features, scores, k) if self.method == "topk" else visionzip_merge(features, scores, k)
 
 
+def parse_visual_tokens(text: str) -> int | float:
+    """`--visual-tokens`: "36" (tokens per image), "0.25" or "25%" (a fraction of them)."""
+    text = str(text).strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(f"--visual-tokens {text!r}: give a count of tokens per image (36), or a fraction (0.25 or 25%)") from None
+
+
+def _visual_tokens_flag(text: str) -> int | float:
+    import argparse
+
+    try:
+        return parse_visual_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(p) -> None:
+    """`--visual-tokens` and `--compression` on an argparse parser (run, eval, serve, demo, plan)."""
+    p.add_argument("--visual-tokens", type=_visual_tokens_flag, metavar="K",
+                   help="keep K visual tokens per image (per tile), or a fraction (0.25 or 25%%); default: all")
+    p.add_argument("--compression", choices=METHODS, default="pool",
+                   help="how --visual-tokens chooses them: pool (average pooling of the token grid), topk (the "
+                        "vision tower's [CLS] attention, FasterVLM), merge (VisionZip dominant + contextual)")
+
+
 # ---- pooling --------------------------------------------------------------------------------------
 
 

@@ -97,9 +97,7 @@ class Family:
         if compression is None:
             return None
         if compression.method not in self.compression_methods:
-            allowed = ", ".join(self.compression_methods) or "none"
-            raise ValueError(f"the {self.name} family cannot apply visual-token compression {compression.method!r} "
-                             f"({self.compression_refusal}); methods it takes: {allowed}")
+            self.refuse(compression, self.compression_methods)
         if compression.needs_scores and not scored:
             raise ValueError(f"{compression.method} ranks visual tokens by the vision tower's attention, and this "
                              f"artifact's vision graph has no {SCORES} output; re-export it with vlmdeploy >= this "
@@ -211,6 +209,16 @@ class Family:
         (+ any other the family finds worth showing). `tile_tokens`/`tile_size`: the feature tokens
         and the input (h, w) of one vision row; `facts`: the artifact's, None when planning from sizes."""
         raise NotImplementedError
+
+    @classmethod
+    def compressed_tokens(cls, preprocess: dict | None, row: ImageTokens, compression: Compression) -> ImageTokens:
+        """A plan row after visual-token compression (what `compressed` gives an item of that size)."""
+        cls.refuse(compression, ())
+
+    @classmethod
+    def refuse(cls, compression: Compression, allowed: tuple[str, ...]):
+        raise ValueError(f"the {cls.name} family cannot apply visual-token compression {compression.method!r} "
+                         f"({cls.compression_refusal}); methods it takes: {', '.join(allowed) or 'none'}")
 
     @classmethod
     def video_tokens(cls, preprocess: dict | None, frames: int, size: Size) -> ImageTokens | None:

@@ -47,6 +47,14 @@ class Llava(Family):
         return kept
 
     @classmethod
+    def compressed_tokens(cls, preprocess, row, compression):
+        side = math.isqrt(row.tokens_per_tile)
+        if side * side != row.tokens_per_tile:
+            cls.refuse(compression, ())  # features with the [CLS] token, as at load
+        k = compression.tokens((side, side))
+        return replace(row, tokens_per_tile=k, tokens=k)
+
+    @classmethod
     def visual_tokens(cls, preprocess, image_sizes, tile_tokens, tile_size, facts=None):
         """Every image is one tile of a fixed count: the artifact's (as `configure`), else the tile's."""
         fixed = facts.family_params.get("tokens_per_image", facts.tokens_per_image) if facts else tile_tokens
