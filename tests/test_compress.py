@@ -258,3 +258,28 @@ def test_cli_run_and_plan_see_the_smaller_count(tiny_llava, tmp_path, capsys):
     assert main(["plan", str(tiny_llava.artifact), "--visual-tokens", "4", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [v["tokens"] for v in plan["visual_tokens"]] == [4]
+
+
+def test_server_prompts_hold_the_kept_count(tiny_llava):
+    """`vlmdeploy serve --visual-tokens 4 --compression topk`: the server's prompts (what its engine
+    schedules and caches) hold 4 visual tokens per image instead of 16."""
+    import io
+
+    from vlmdeploy.serve.app import Server, ServeConfig
+    from vlmdeploy.serve.cli import add_arguments, config_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args([str(tiny_llava.artifact), "--visual-tokens", "4", "--compression", "topk"]))
+    assert (config.visual_tokens, config.compression) == (4, "topk")
+    buf = io.BytesIO()
+    photo().save(buf, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "image", "image": buf.getvalue()}, {"type": "text", "text": "Hi"}]}]
+    counts = []
+    for cfg in (config, ServeConfig(str(tiny_llava.artifact))):
+        server = Server(cfg)
+        server.load()
+        assert server.load_error is None
+        counts.append(server.builder.chat(messages).prompt_tokens)
+    assert counts[1] - counts[0] == 12
