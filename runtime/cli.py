@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX graphs + manifest")
-    e.add_argument("--model", required=True, help="a recipe name in configs/ (llava, llava-13b, llava-next, shapes, tiny, tiny-next) or an HF checkpoint dir")
+    e.add_argument("--model", required=True, help="a recipe name in configs/ (llava, llava-13b, llava-next, shapes, shapes-hd, tiny, tiny-next) or an HF checkpoint dir")
     e.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], help="default: the recipe's; fp32 for a directory")
     e.add_argument("--opset", type=int, default=18)

@@ -37,7 +37,7 @@ def ttft(vlm: VLM, example) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dir", help="an exported shapes / shapes-hd artifact")
-    p.add_argument("--n", type=int, default=500, help="held-out questions per setting")
+    p.add_argument("--n", type=int, default=500, help="held-out questions per setting (0: TTFT only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15, help="TTFT runs per setting (interleaved; median)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -55,12 +55,12 @@ def main(argv=None) -> int:
             times[s].append(ttft(vlm, q))
     rows = []
     for s, vlm in vlms.items():
-        card = evaluate_artifact(args.dir, args.n, threads=args.threads, vlm=vlm)
+        exact = evaluate_artifact(args.dir, args.n, threads=args.threads, vlm=vlm).summary()["accuracy"] if args.n else 0.0
         med = {k: statistics.median(t[k] for t in times[s]) for k in ("ttft", "prefill", "vision", "prompt")}
         best = {f"{k}_min_s": min(t[k] for t in times[s]) for k in ("ttft", "prefill", "vision")}
         tokens = vlm.family.compressed(vlm.family.prepare(questions[0].image)).num_tokens if s[1] else \
             vlm.family.prepare(questions[0].image).num_tokens
-        rows.append({"method": s[0], "ratio": s[1] or 1.0, "visual_tokens": tokens, "exact": card.summary()["accuracy"],
+        rows.append({"method": s[0], "ratio": s[1] or 1.0, "visual_tokens": tokens, "exact": exact,
                      **{f"{k}_s": v for k, v in med.items() if k != "prompt"}, **best, "prompt_tokens": med["prompt"]})
         print(f"  {s[0]:6s} {s[1] or 1.0:<6} {rows[-1]['exact']:.3f}  ttft {med['ttft'] * 1e3:.1f} ms", flush=True)
     print(table(rows, args))
@@ -79,7 +79,7 @@ def table(rows: list[dict], args) -> str:
     ms = lambda r, k: f"{r[k + '_s'] * 1e3:.1f} ({r[k + '_min_s'] * 1e3:.1f})"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['method']} | {r['ratio']:.1%} | {r['visual_tokens']} | {r['prompt_tokens']:.0f} | "
-                     f"{r['exact']:.1%} | {r['exact'] / full['exact']:.1%} | {ms(r, 'ttft')} | {ms(r, 'prefill')} | "
+                     f"{r['exact']:.1%} | {r['exact'] / max(full['exact'], 1e-9):.1%} | {ms(r, 'ttft')} | {ms(r, 'prefill')} | "
                      f"{ms(r, 'vision')} | {full['prefill_s'] / r['prefill_s']:.2f}x ({full['prefill_min_s'] / r['prefill_min_s']:.2f}x) | "
                      f"{full['ttft_s'] / r['ttft_s']:.2f}x ({full['ttft_min_s'] / r['ttft_min_s']:.2f}x) |")
     return "\n".join(lines)
