@@ -65,8 +65,8 @@ endif
 train-shapes: setup
 	nice -n 5 $(PY) -m vlmdeploy.demo.train --out models/shapes
 
-# Train shapes-hd (models/shapes-hd: the same pictures at 168 px, 144 visual tokens; two stages, ~35 min on
-# one core), the model the visual-token compression curve is measured on (docs/PERFORMANCE.md).
+# Train shapes-hd (models/shapes-hd: the same pictures at 168 px, 144 visual tokens; two stages, ~17 CPU
+# minutes on one thread), the model the visual-token compression curve is measured on (docs/PERFORMANCE.md).
 train-shapes-hd: setup
 	nice -n 5 $(PY) -m vlmdeploy.demo.train --preset shapes-hd --out models/shapes-hd
 	nice -n 5 $(PY) -m vlmdeploy.demo.train --preset shapes-hd-stage2 --out models/shapes-hd
