@@ -32,13 +32,16 @@ def pick_questions(ex: shapes.Example, count: int, seed: int) -> list[shapes.QA]
 
 
 def demo_command(directory: str, seed: int | None, count: int, save: str | None, question: str | None,
-                 threads: int | None = None) -> int:
+                 threads: int | None = None, compression: dict | None = None) -> int:
     from vlmdeploy.runtime.vlm import VLM
+
+    from .evaluate import picture_size
 
     if count < 1:
         raise ValueError(f"--questions must be >= 1, got {count}")
-    vlm = VLM.load(directory, threads=threads)
-    ex = shapes.random_example(seed)
+    vlm = VLM.load(directory, threads=threads, **(compression or {}))
+    size = picture_size(vlm)
+    ex = shapes.random_example(seed, size)
     describe = next(q for q in ex.qa if q.kind == "caption")
     asked = [describe] + ([shapes.QA("yours", question, "")] if question else pick_questions(ex, count, ex.index))
     results = vlm.generate_batch(
@@ -48,7 +51,7 @@ def demo_command(directory: str, seed: int | None, count: int, save: str | None,
     if save:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
         ex.image.save(save)
-    print(f"picture   {save or '(not saved; --save PATH)'}  ({shapes.IMAGE_SIZE}x{shapes.IMAGE_SIZE}, seed {ex.index}; "
+    print(f"picture   {save or '(not saved; --save PATH)'}  ({size}x{size}, seed {ex.index}; "
           "never a training picture)")
     print(f"truth     {ex.caption}")
     print(f"model     {answers[0]}  {_verdict(answers[0], describe.answer)}   ({describe.question!r})")

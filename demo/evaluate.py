@@ -30,13 +30,19 @@ def variant_name(manifest) -> str:
     return " + ".join(parts)
 
 
-def evaluate_artifact(directory: str | Path, n: int, batch: int = 32, threads: int | None = None, vlm=None) -> Scorecard:
-    """Greedy answers of the exported model in `directory` to the first `n` held-out questions."""
+def evaluate_artifact(directory: str | Path, n: int, batch: int = 32, threads: int | None = None, vlm=None,
+                      compression: dict | None = None) -> Scorecard:
+    """Greedy answers of the exported model in `directory` to the first `n` held-out questions, the
+    pictures drawn at the model's input size (shapes: 84 px, shapes-hd: 168). `compression`:
+    VLM.load's visual_tokens / compression."""
     from vlmdeploy.runtime.vlm import VLM
 
-    vlm = vlm or VLM.load(directory, threads=threads)
-    card = Scorecard(Path(directory).name, variant_name(vlm.manifest))
-    examples = list(shapes.examples("heldout", n))
+    vlm = vlm or VLM.load(directory, threads=threads, **(compression or {}))
+    variant = variant_name(vlm.manifest)
+    if vlm.family.compression is not None:
+        variant += f", {vlm.family.compression.label()}"
+    card = Scorecard(Path(directory).name, variant)
+    examples = list(shapes.examples("heldout", n, size=picture_size(vlm)))
     for i in range(0, n, batch):
         chunk = examples[i : i + batch]
         results = vlm.generate_batch(
@@ -47,14 +53,20 @@ def evaluate_artifact(directory: str | Path, n: int, batch: int = 32, threads: i
     return card
 
 
-def eval_command(dirs: list[str], torch_checkpoint: str | None, n: int, threads: int | None, as_json: bool) -> int:
+def picture_size(vlm) -> int:
+    """The side of the pictures the model takes (its vision input), at least the generator's 84 px."""
+    return max(shapes.IMAGE_SIZE, min(vlm.facts.dims.image_size))
+
+
+def eval_command(dirs: list[str], torch_checkpoint: str | None, n: int, threads: int | None, as_json: bool,
+                 compression: dict | None = None) -> int:
     """`vlmdeploy eval`: one row per exported directory (and the PyTorch checkpoint, if given)."""
     if not dirs and not torch_checkpoint:
         raise ValueError("give at least one artifact directory, or --torch CHECKPOINT")
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     cards = [evaluate_torch_checkpoint(torch_checkpoint, n, threads)] if torch_checkpoint else []
-    cards += [evaluate_artifact(d, n, threads=threads) for d in dirs]
+    cards += [evaluate_artifact(d, n, threads=threads, compression=compression) for d in dirs]
     for card in cards[1:]:
         card.reference = cards[0]  # PyTorch when given, else the first directory
     if as_json:

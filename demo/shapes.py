@@ -24,6 +24,7 @@ draws its seeds from its own stream (`np.random.default_rng([stream, index, atte
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import secrets
@@ -279,20 +280,31 @@ def vocabulary() -> list[str]:
 # Splits
 
 
-def example(split: str, index: int) -> Example:
-    """The `index`-th picture of `split` (deterministic) with one of its questions picked."""
-    return _draw_example(split, index, (SPLITS[_check_split(split)], index))
+def example(split: str, index: int, size: int = IMAGE_SIZE) -> Example:
+    """The `index`-th picture of `split` (deterministic) with one of its questions picked. `size`:
+    the picture's side in pixels; the scene, its split and its questions are those of the 84 px
+    picture, re-rendered at `size` (the shapes-hd model's 168 px)."""
+    ex = _draw_example(split, index, (SPLITS[_check_split(split)], index))
+    return ex if size == IMAGE_SIZE else at_size(ex, size)
 
 
-def examples(split: str, n: int, start: int = 0) -> Iterator[Example]:
+def examples(split: str, n: int, start: int = 0, size: int = IMAGE_SIZE) -> Iterator[Example]:
     for i in range(start, start + n):
-        yield example(split, i)
+        yield example(split, i, size)
 
 
-def random_example(seed: int | None = None) -> Example:
+def at_size(ex: Example, size: int) -> Example:
+    """The same scene and question, its picture rendered at `size` px."""
+    if size < IMAGE_SIZE:
+        raise ValueError(f"picture size {size} px: allowed sizes are >= {IMAGE_SIZE} px")
+    return dataclasses.replace(ex, image=render(ex.shapes, ex.background, size))
+
+
+def random_example(seed: int | None = None, size: int = IMAGE_SIZE) -> Example:
     """A fresh picture from the held-out bucket (never a training image), for the demo."""
     seed = secrets.randbits(63) if seed is None else seed
-    return _draw_example("demo", seed, (SPLITS["demo"], seed))
+    ex = _draw_example("demo", seed, (SPLITS["demo"], seed))
+    return ex if size == IMAGE_SIZE else at_size(ex, size)
 
 
 def _check_split(split: str) -> str:

@@ -51,6 +51,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 class TrainConfig:
     seed: int = 0
     # model
+    image_size: int = 84  # shapes.IMAGE_SIZE; larger sizes re-render the same scenes (shapes.at_size)
     patch_size: int = 28  # one patch per grid cell: 3x3 visual tokens
     vision_hidden: int = 128
     vision_layers: int = 4
@@ -62,6 +63,9 @@ class TrainConfig:
     text_kv_heads: int = 4
     text_intermediate: int = 384
     context_length: int = 256
+    init_text_from: str = ""  # a shapes checkpoint dir whose language model (and lm_head) to start from
+    init_from: str = ""  # a checkpoint dir of this same config to continue training (a second stage)
+    first_example: int = 0  # index of the first training picture (a second stage starts after the first's)
     text_init_std: float = 0.08  # ~1/sqrt(hidden). HF's 0.02 suits 4096-wide models; here it learned
     # a lookup task 5x slower (loss 0.30 vs 0.06 after 400 steps)
     # optimisation
@@ -71,10 +75,31 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     aux_weight: float = 1.0  # CellProbe loss (training only)
+    probe_only_steps: int = 0  # first steps: the vision tower + projector on the CellProbe loss alone (no language
+    # model forward, its word embeddings frozen): about half a full step's cost, spent where shapes-hd learns slowest
     threads: int = 1  # 2 threads on a busy 2-core machine ran 20x slower (OpenMP waits for a taken core)
     eval_n: int = 500
     log_every: int = 100
     eval_every: int = 0  # steps between quick held-out checks (0: none)
+
+
+# The shipped models: `make train-shapes` (models/shapes) and `make train-shapes-hd` (models/shapes-hd).
+# shapes-hd draws the same scenes at 168 px with 14 px patches: 12x12 = 144 visual tokens, 4x4 per
+# grid cell, enough to measure visual-token compression on (docs/PERFORMANCE.md).
+PRESETS = {
+    "shapes": TrainConfig(),
+    # 144 tokens cost ~10x the compute per step of 9. The language model starts from models/shapes'
+    # (same tokenizer and sizes; it already answers from visual tokens that the CellProbe aligns with its
+    # word embeddings); the vision tower, which must now tell a shape's kind from 14 px patches, trains
+    # alone on the CellProbe loss for the first 800 steps (half a step's cost), then everything for 500.
+    # (700 steps of everything: 55% held-out at step 500, kinds 16-37%: the tower was the bottleneck.)
+    "shapes-hd": TrainConfig(image_size=168, patch_size=14, init_text_from="models/shapes", steps=1300,
+                             probe_only_steps=800, batch=16, lr=2e-3, warmup=50),
+    # its second stage (`make train-shapes-hd` runs both): everything, on pictures the first never drew
+    # (the first stage alone: ~60% held-out, captions and kinds lowest: the language model needs more steps)
+    "shapes-hd-stage2": TrainConfig(image_size=168, patch_size=14, init_from="models/shapes-hd", first_example=1300 * 16,
+                                    steps=700, batch=16, lr=1e-3, warmup=20),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +127,7 @@ def build_tokenizer():
 def build_processor(tokenizer, cfg: TrainConfig):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    size = shapes.IMAGE_SIZE
+    size = cfg.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )
@@ -118,7 +143,7 @@ def build_model(cfg: TrainConfig, tokenizer):
     vocab = 8 * math.ceil(len(tokenizer) / 8)
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=shapes.IMAGE_SIZE, patch_size=cfg.patch_size,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
         projection_dim=cfg.vision_hidden,
     )
     text = LlamaConfig(
@@ -134,10 +159,24 @@ def build_model(cfg: TrainConfig, tokenizer):
     )
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
+    if cfg.init_text_from:
+        _load_text_model(model, Path(cfg.init_text_from))
+    if cfg.init_from:  # strict: a checkpoint of other sizes fails, naming the tensors
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32).state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def _load_text_model(model, checkpoint: Path) -> None:
+    """Copy the language model and lm_head of a trained shapes checkpoint (same tokenizer and text sizes)."""
+    from transformers import LlavaForConditionalGeneration
+
+    source = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    # load_state_dict (strict) refuses a checkpoint of other text sizes, naming the tensors
+    model.model.language_model.load_state_dict(source.model.language_model.state_dict())
+    model.lm_head.load_state_dict(source.lm_head.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +191,7 @@ class Batcher:
 
     def __init__(self, processor, cfg: TrainConfig):
         self.processor, self.tokenizer = processor, processor.tokenizer
-        self.image_tokens = IMAGE * (shapes.IMAGE_SIZE // cfg.patch_size) ** 2  # LlavaProcessor's expansion ("default": no CLS)
+        self.image_tokens = IMAGE * (cfg.image_size // cfg.patch_size) ** 2  # LlavaProcessor's expansion ("default": no CLS)
 
     def __call__(self, batch: list[shapes.Example]) -> dict[str, torch.Tensor]:
         rows = [self._row(ex) for ex in batch]
@@ -201,7 +240,7 @@ class CellProbe(torch.nn.Module):
 
     def __init__(self, model, cfg: TrainConfig, tokenizer):
         super().__init__()
-        c, self.side = cfg.text_hidden, shapes.IMAGE_SIZE // cfg.patch_size  # side: tokens per row
+        c, self.side = cfg.text_hidden, cfg.image_size // cfg.patch_size  # side: tokens per row
         self.kind, self.color = torch.nn.Linear(c, len(shapes.SHAPES) + 1), torch.nn.Linear(c, len(shapes.COLORS) + 1)
         self._embeddings = [model.get_input_embeddings()]  # a list: not a submodule (its weight is the model's)
         self._word = tokenizer.convert_tokens_to_ids
@@ -232,12 +271,13 @@ class CellProbe(torch.nn.Module):
                 words[i, t, : len(ids)] = torch.tensor(ids)
         return kinds, colors, words
 
-    def loss(self, batch: list[shapes.Example]) -> torch.Tensor:
+    def loss(self, batch: list[shapes.Example], freeze_words: bool = False) -> torch.Tensor:
         kinds, colors, words = self.targets(batch)
         f = self.features.reshape(len(batch), self.side * self.side, -1)  # [B, T, C]
         ce = torch.nn.functional.cross_entropy
         heads = ce(self.kind(f).flatten(0, 1), kinds.flatten()) + ce(self.color(f).flatten(0, 1), colors.flatten())
-        scores = f @ self._embeddings[0].weight.T  # [B, T, V]
+        vocab = self._embeddings[0].weight  # [V, C]
+        scores = f @ (vocab.detach() if freeze_words else vocab).T  # [B, T, V]
         per_word = scores[:, :, None, :].expand(-1, -1, words.shape[-1], -1)  # [B, T, 5, V]
         return heads + 2 * ce(per_word.flatten(0, 2), words.flatten(), ignore_index=-100)
 
@@ -270,13 +310,19 @@ def train(cfg: TrainConfig, log=print):
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {cfg.steps} steps x {cfg.batch}")
     start, smoothed = time.perf_counter(), None
     for step in range(cfg.steps):
-        examples = list(shapes.examples("train", cfg.batch, start=step * cfg.batch))
+        examples = list(shapes.examples("train", cfg.batch, start=cfg.first_example + step * cfg.batch, size=cfg.image_size))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = batcher(examples)
         labels = batch.pop("labels")
-        lm_loss = answer_loss(model(**batch).logits, labels)
-        aux_loss = probe.loss(examples)
+        probe_only = step < cfg.probe_only_steps
+        if probe_only:  # the projector's forward hook gives the probe its features
+            model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-1,
+                                           vision_feature_select_strategy="default")
+            lm_loss = torch.zeros(())
+        else:
+            lm_loss = answer_loss(model(**batch).logits, labels)
+        aux_loss = probe.loss(examples, freeze_words=probe_only)
         opt.zero_grad(set_to_none=True)
         (lm_loss + cfg.aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -329,26 +375,36 @@ def evaluate_torch(checkpoint_or_model, n: int, batch: int = 50, processor=None,
         processor = AutoProcessor.from_pretrained(model)
         model = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
     card = Scorecard(name, "pytorch fp32")
-    examples = list(shapes.examples("heldout", n))
+    examples = list(shapes.examples("heldout", n, size=model.config.vision_config.image_size))
     for i in range(0, n, batch):
         card.extend(torch_answers(model, processor, examples[i : i + batch]))
     return card
 
 
 def save(model, processor, out: Path, record: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    """Written beside `out`, then swapped in: a failed save leaves the previous checkpoint whole."""
+    import shutil
+
+    tmp, old = out.with_name(out.name + ".saving"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlmdeploy.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/shapes", help="checkpoint directory to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="shapes", help="settings to start from (flags below override)")
     for f in dataclasses.fields(TrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default: {f.default}")
     args = p.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    preset = PRESETS[args.preset]
+    cfg = dataclasses.replace(preset, **{f.name: v for f in dataclasses.fields(TrainConfig) if (v := getattr(args, f.name)) is not None})
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     cpu0, load0 = time.process_time(), os.getloadavg()[0]
     model, processor, train_s = train(cfg, log)
@@ -364,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval_seconds": round(time.perf_counter() - t0, 1), "heldout": card.summary(),
         "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
     }
+    if cfg.init_from:  # the stage this one continued from
+        record["previous_stage"] = json.loads((Path(cfg.init_from) / "training.json").read_text())
     save(model, processor, Path(args.out), record)
     log(f"wrote {args.out}")
     return 0

@@ -63,17 +63,48 @@ def select_features(hidden_states, layers: list[int], strategy: str) -> torch.Te
     return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
 
 
-class VisionGraph(nn.Module):
-    """pixel_values [N,3,H,W] -> image_features [N,T,Cv]: hidden state(s) of the feature layer(s)."""
+# towers whose attention layers have layer_norm1 + self_attn.{q,k}_proj (attention_scores below);
+# value: whether the tower has a [CLS] token (the scores are its attention row; else mean attention received)
+SCORED_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}
 
-    def __init__(self, tower: nn.Module, vision_feature_layer, strategy: str):
+
+def has_attention_scores(tower: nn.Module) -> bool:
+    return tower.config.model_type in SCORED_TOWERS
+
+
+def attention_scores(tower: nn.Module, hidden_states, layer: int, strategy: str) -> torch.Tensor:
+    """[N, T]: how much the last feature layer attends to each feature token (FasterVLM/VisPruner),
+    head-averaged: the [CLS] row where the tower has one, else the mean over queries (attention
+    received). `layer`: the hidden_states index of that layer's output (its input is layer - 1).
+    Equals HF's output_attentions[layer - 1] reduced the same way (softmax in fp32 as HF's eager).
+
+        h = norm1(hidden[layer-1]) -> q, k [N, H, S, D] -> softmax(q k^T * scale) [N, H, S, S] -> mean H -> row"""
+    encoder, attr = tower_layers(tower)
+    block = getattr(encoder, attr)[layer - 1]
+    attn, h = block.self_attn, block.layer_norm1(hidden_states[layer - 1])  # [N, S, Cv]
+    n, s, _ = h.shape
+    q = attn.q_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [N, H, S, D]
+    k = attn.k_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1).mean(1)  # [N, S, S]
+    scores = probs[:, 0] if SCORED_TOWERS[tower.config.model_type] else probs.mean(1)  # [N, S]
+    return (scores[:, 1:] if strategy == "default" else scores).to(hidden_states[0].dtype)
+
+
+class VisionGraph(nn.Module):
+    """pixel_values [N,3,H,W] -> image_features [N,T,Cv]: hidden state(s) of the feature layer(s);
+    with `scores`, also attention_scores [N,T] of the last feature layer (visual-token compression)."""
+
+    def __init__(self, tower: nn.Module, vision_feature_layer, strategy: str, scores: bool = False):
         super().__init__()
-        self.tower, self.strategy = tower, strategy
+        self.tower, self.strategy, self.scores = tower, strategy, scores
         self.layers = feature_layers(vision_feature_layer, tower.config.num_hidden_layers)
 
     def forward(self, pixel_values):
         hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
-        return select_features(hidden, self.layers, self.strategy)
+        features = select_features(hidden, self.layers, self.strategy)
+        if not self.scores:
+            return features
+        return features, attention_scores(self.tower, hidden, max(self.layers), self.strategy)
 
     def truncated(self):
         """Context: the tower runs only up to the last feature layer (for export)."""

@@ -100,17 +100,22 @@ class LlavaStyleExport:
 
     def graph_specs(self, facts: ModelFacts, model, log) -> dict[str, GraphSpec]:
         """All graphs; decoder_gqa only where its builder reproduces the text model exactly."""
-        specs = llava_graph_specs(facts.dims)
+        specs = llava_graph_specs(facts.dims, attention_scores=self.scored(model))
         reason = c.decoder_gqa_spec_or_reason(specs, model.config.get_text_config(), facts.dims.dtype)
         if reason:
             log(f"{reason}; exporting the portable decoder only")
         return specs
 
+    def scored(self, model) -> bool:
+        """Whether the vision graph returns attention_scores (visual-token compression's topk/merge):
+        families whose graph_modules build c.VisionGraph on a CLIP/SigLIP tower say yes."""
+        return False
+
     def graph_modules(self, model) -> dict[str, nn.Module]:
         cfg = model.config
         return {
             "vision": c.VisionGraph(model.model.vision_tower, cfg.vision_feature_layer,
-                                    cfg.vision_feature_select_strategy).eval(),
+                                    cfg.vision_feature_select_strategy, scores=self.scored(model)).eval(),
             "projector": c.ProjectorGraph(model.model.multi_modal_projector).eval(),
             "embed": c.EmbedGraph(model.get_input_embeddings()).eval(),
             "decoder": self.decoder_module(model),
@@ -136,6 +141,20 @@ class LlavaStyleExport:
         hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         return c.select_features(hidden, layers, cfg.vision_feature_select_strategy)
 
+    def reference_scores(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """attention_scores' oracle: HF's own attention probabilities (eager attention, output_attentions)
+        of the last feature layer, head-averaged; the [CLS] row, else the mean over queries."""
+        cfg, tower = model.config, model.model.vision_tower
+        layer = max(c.feature_layers(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers))
+        before = tower.config._attn_implementation
+        tower.set_attn_implementation("eager")
+        try:
+            probs = tower(pixel_values, output_attentions=True).attentions[layer - 1].float().mean(1)  # [N, S, S]
+        finally:
+            tower.set_attn_implementation(before)
+        scores = probs[:, 0] if c.SCORED_TOWERS[tower.config.model_type] else probs.mean(1)
+        return scores[:, 1:] if cfg.vision_feature_select_strategy == "default" else scores
+
     def validation_dims(self, name: str, spec: GraphSpec) -> list[dict]:
         """The dims graph `name` is validated at after export."""
         from vlmdeploy.runtime.dummy import validation_dims
@@ -155,8 +174,12 @@ class LlavaStyleExport:
             return torch_reference(module, spec)
 
         def run(feeds):
+            pixels = torch.from_numpy(feeds["pixel_values"])
             with torch.no_grad():
-                return [self.reference_features(model, torch.from_numpy(feeds["pixel_values"])).numpy()]
+                out = [self.reference_features(model, pixels).numpy()]
+                if len(spec.outputs) > 1:
+                    out.append(self.reference_scores(model, pixels).numpy())
+            return out
 
         return run
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from vlmdeploy.runtime.images import ImagePreprocessor
 
 from .components import ExportError
+from . import components as c
 from .family import LlavaStyleExport
 from .hf_files import ProcessorFiles
 
@@ -28,6 +29,9 @@ def tokens_per_image(files: ProcessorFiles, image_size: tuple[int, int]) -> int:
 class LlavaExport(LlavaStyleExport):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+
+    def scored(self, model) -> bool:
+        return c.has_attention_scores(model.model.vision_tower)
 
     def model_class(self):
         from transformers import LlavaForConditionalGeneration

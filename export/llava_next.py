@@ -13,6 +13,7 @@ import numpy as np
 
 from vlmdeploy.runtime import anyres
 
+from . import components as c
 from .family import LlavaStyleExport
 from .hf_files import ProcessorFiles
 
@@ -20,6 +21,9 @@ from .hf_files import ProcessorFiles
 class LlavaNextExport(LlavaStyleExport):
     family = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration",)
+
+    def scored(self, model) -> bool:
+        return c.has_attention_scores(model.model.vision_tower)
 
     def model_class(self):
         from transformers import LlavaNextForConditionalGeneration

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmdeploy.runtime.families import family_class
+from vlmdeploy.runtime.compress import Compression
 from vlmdeploy.runtime.families.base import ImageTokens, Size  # a row of the plan's visual tokens
 from vlmdeploy.runtime.manifest import KVLayer, load_manifest
 
@@ -68,6 +69,7 @@ class Workload:
     image_sizes: tuple[Size, ...] = ()  # (h, w) of the images to count visual tokens for; (): a typical image
     video_frames: int = 0  # frames of one video per sequence (families with video); 0: no video
     video_size: Size | None = None  # (h, w) of its frames; None: the largest image size, else 448x448
+    compression: Compression | None = None  # visual-token compression (--visual-tokens): fewer tokens per image
 
     def __post_init__(self):
         if self.video_frames < 0:
@@ -440,6 +442,7 @@ def plan_model(model: str, dtype: str | None = None, workload: Workload = Worklo
         raise ValueError(f"--dtype {dtype!r} not one of {sorted(DTYPE_BYTES)}")
     family = family_class(arch.family)
     visual, rule = family.visual_tokens(m.preprocess, workload.image_sizes, vision_tokens(arch), (arch.image_size,) * 2)
+    visual, rule = _compressed(family, m.preprocess, visual, rule, workload.compression)
     budget = _budget(visual, workload.image_sizes)
     w = _fill_context(workload, arch.context_length, budget.tokens)
     nbytes, act = DTYPE_BYTES[dtype], NUMPY_DTYPES[dtype]
@@ -493,6 +496,7 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
     prefill = [g for g in [pipeline.get("prefill", {}).get(decoder)] if g]  # the int8 prompt-pass graph, also loaded
     family = family_class(facts.family)
     visual, rule = family.visual_tokens(m.preprocess, workload.image_sizes, d.vision_tokens, tuple(d.image_size), facts)
+    visual, rule = _compressed(family, m.preprocess, visual, rule, workload.compression)
     budget = _budget(visual, workload.image_sizes)
     video = _video_row(family, m.preprocess, workload)
     w = _fill_context(workload, facts.context_length, budget.tokens, video.tokens if video else 0)
@@ -553,6 +557,16 @@ def _llama_intermediate(decoder_bytes: int, d, dtype: str) -> int:
     params = decoder_bytes / np.dtype(dtype).itemsize - d.vocab * d.hidden  # minus lm_head
     per_layer = params / d.num_layers - 2 * d.hidden * d.hidden - 2 * d.hidden * d.kv_heads * d.head_dim
     return max(d.hidden, int(per_layer / (3 * d.hidden)))
+
+
+def _compressed(family, preprocess, rows: tuple[ImageTokens, ...], rule: str, compression: Compression | None):
+    """The rows after visual-token compression (the family's count: what the runtime puts in the prompt)."""
+    if compression is None:
+        return rows, rule
+    if compression.method not in family.compression_methods:
+        family.refuse(compression, family.compression_methods)
+    rows = tuple(family.compressed_tokens(preprocess, row, compression) for row in rows)
+    return rows, f"{rule}; then {compression.label()} per image (--visual-tokens)"
 
 
 def default_context(context_length: int, visual_tokens: int) -> int:

@@ -276,7 +276,7 @@ def find_weights(recipe: Recipe) -> Path:
         raise RecipeError(
             f"recipe {recipe.name}: checkpoint {path} is missing (it ships in the vlmdeploy repository under "
             f"{recipe.checkpoint}; use a git clone with an editable install, or re-create it with "
-            "`make train-shapes`)"
+            f"`make train-{recipe.name}`)"
         )
     return path
 

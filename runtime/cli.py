@@ -8,12 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from .compress import add_arguments as compression_arguments
 from .images import ImageError
 from .manifest import ArtifactError
 from .spec import SpecError
 from .tensorrt.cli import add_build_parser, add_check_arguments, tensorrt_check_request
 from .tensorrt.deps import BackendUnavailable
-from .vlm import VLM, PromptError
+from .vlm import VLM, PromptError, compression_plan
 
 USER_ERRORS = (ArtifactError, ImageError, PromptError, SpecError, ValueError, FileNotFoundError, FileExistsError,
                BackendUnavailable)
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX graphs + manifest")
-    e.add_argument("--model", required=True, help="a recipe name in configs/ (llava, llava-13b, llava-next, shapes, tiny, tiny-next) or an HF checkpoint dir")
+    e.add_argument("--model", required=True, help="a recipe name in configs/ (llava, llava-13b, llava-next, shapes, shapes-hd, tiny, tiny-next) or an HF checkpoint dir")
     e.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], help="default: the recipe's; fp32 for a directory")
     e.add_argument("--opset", type=int, default=18)
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens (benchmarks, parity checks)")
     r.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    compression_arguments(r)
     r.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text, timings")
     r.set_defaults(func=_run)
 
@@ -157,7 +159,7 @@ def _quantize(args) -> int:
 
 
 def _run(args) -> int:
-    vlm = VLM.load(args.dir, threads=args.threads)
+    vlm = VLM.load(args.dir, threads=args.threads, visual_tokens=args.visual_tokens, compression=args.compression)
     sampling = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
@@ -218,6 +220,7 @@ def _add_model_tools(sub) -> None:
     v.add_argument("--n", type=int, default=500, help="questions (the first N of the held-out split)")
     v.add_argument("--threads", type=int, help="ONNX Runtime / torch threads")
     v.add_argument("--json", action="store_true", help="one JSON list of {name, n, accuracy, by_kind}")
+    compression_arguments(v)
     v.set_defaults(func=_eval)
 
     pl = sub.add_parser("plan", help="memory table: weights, vision encoder, projector, KV cache, activations")
@@ -234,6 +237,7 @@ def _add_model_tools(sub) -> None:
     pl.add_argument("--video-frames", type=int, default=0, help="frames of one video per sequence (qwen2_vl)")
     pl.add_argument("--video-size", metavar="HxW", help="the video's frame size (default: the largest --image-size)")
     pl.add_argument("--json", action="store_true")
+    compression_arguments(pl)
     pl.set_defaults(func=_plan)
 
     d = sub.add_parser("demo", help="draw a fresh shapes picture, ask the model about it, print answers and truth")
@@ -243,13 +247,15 @@ def _add_model_tools(sub) -> None:
     d.add_argument("--question", help="ask this instead (answer only; the truth line shows the picture)")
     d.add_argument("--save", help="write the picture here (PNG)")
     d.add_argument("--threads", type=int)
+    compression_arguments(d)
     d.set_defaults(func=_demo)
 
 
 def _eval(args) -> int:
     from vlmdeploy.demo.evaluate import eval_command
 
-    return eval_command(args.dirs, args.torch, args.n, args.threads, args.json)
+    return eval_command(args.dirs, args.torch, args.n, args.threads, args.json,
+                        {"visual_tokens": args.visual_tokens, "compression": args.compression})
 
 
 def _plan(args) -> int:
@@ -259,7 +265,7 @@ def _plan(args) -> int:
         raise ValueError("give an exported DIR or --model NAME_OR_DIR (exactly one)")
     video_size = parse_image_sizes([args.video_size])[0] if args.video_size else None
     workload = Workload(args.context, args.batch, args.images, parse_image_sizes(args.image_size), args.video_frames,
-                        video_size)
+                        video_size, compression_plan(args.visual_tokens, args.compression))
     plan = plan_model(args.model, args.dtype, workload) if args.model else plan_artifact(args.dir, workload, args.dtype)
     print(json.dumps(plan.to_dict()) if args.json else plan.table())
     return 0
@@ -268,7 +274,8 @@ def _plan(args) -> int:
 def _demo(args) -> int:
     from vlmdeploy.demo.ask import demo_command
 
-    return demo_command(args.dir, args.seed, args.questions, args.save, args.question, args.threads)
+    return demo_command(args.dir, args.seed, args.questions, args.save, args.question, args.threads,
+                        {"visual_tokens": args.visual_tokens, "compression": args.compression})
 
 
 if __name__ == "__main__":

@@ -202,15 +202,17 @@ class ModelDims:
         require(self.dtype in ("float32", "float16"), f"dims.dtype {self.dtype!r} is not one of ['float16', 'float32']")
 
 
-def llava_graph_specs(m: ModelDims) -> dict[str, GraphSpec]:
+def llava_graph_specs(m: ModelDims, attention_scores: bool = False) -> dict[str, GraphSpec]:
     """The graphs of a LLaVA-1.5 export: vision, projector, embed, the portable decoder, and
     `decoder_gqa`, the ONNX Runtime decoder that updates a shared KV buffer [B, Hkv, capacity, D]
-    in place and returns only the last position's logits."""
+    in place and returns only the last position's logits. `attention_scores`: the vision graph also
+    returns each feature token's attention score (runtime/compress.py ranks tokens by it)."""
     f = m.dtype
+    scores = (TensorSpec("attention_scores", f, ("num_images", m.vision_tokens)),) if attention_scores else ()
     vision = GraphSpec(
         "vision",
         inputs=(TensorSpec("pixel_values", f, ("num_images", 3, *m.image_size)),),
-        outputs=(TensorSpec("image_features", f, ("num_images", m.vision_tokens, m.vision_hidden)),),
+        outputs=(TensorSpec("image_features", f, ("num_images", m.vision_tokens, m.vision_hidden)), *scores),
     )
     projector = GraphSpec(
         "projector",

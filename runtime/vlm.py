@@ -18,8 +18,9 @@ import jinja2
 import numpy as np
 
 from .backends import make_runner
+from .compress import Compression
 from .families import family_class
-from .families.base import MediaItem
+from .families.base import SCORES, MediaItem
 from .generate import Batch, DecodeLoop
 from .images import ImageError, load_image, parallel_map
 from .mrope import left_pad_positions
@@ -48,15 +49,18 @@ class _Request:
 
 class VLM:
     def __init__(self, directory: Path, manifest: Manifest, backend: str, threads: int | None, decoder: str | None,
-                 int8_prefill: bool = True):
+                 int8_prefill: bool = True, compression: Compression | None = None):
         self.directory, self.manifest, self.backend, self.threads = directory, manifest, backend, threads
         self.facts = manifest.model
         tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in self.facts.tensors.items()}
+        family = family_class(self.facts.family)
         try:
-            self.family = family_class(self.facts.family)(self.facts, manifest.preprocess, tensors)
+            self.family = family(self.facts, manifest.preprocess, tensors)
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{directory}: the {self.facts.family} family cannot use this manifest's "
                                 f"preprocess/tensors ({e}); re-run `vlmdeploy export`") from None
+        scored = SCORES in manifest.graphs[self.facts.pipeline["image"][0]].output_names
+        self.family.compression = self.family.check_compression(compression, scored)  # ValueError: what it allows
         self.text = TextProcessor.from_files(
             directory / manifest.tokenizer_file, directory / manifest.tokenizer_config_file
         )
@@ -82,13 +86,17 @@ class VLM:
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None, verify: bool = True,
-             decoder: str | None = None, int8_prefill: bool = True) -> "VLM":
+             decoder: str | None = None, int8_prefill: bool = True, visual_tokens: int | float | None = None,
+             compression: str = "pool") -> "VLM":
         """Open an artifact directory. `verify` checks every file's sha256 against the manifest.
         `decoder`: "decoder_gqa" (in-place KV cache, ONNX Runtime only) or "decoder" (portable);
         default: the fastest one the artifact has for the backend. `int8_prefill`: run the prompt
-        pass on the artifact's int8-compute prefill graph where it has one (`--quantize prefill`)."""
+        pass on the artifact's int8-compute prefill graph where it has one (`--quantize prefill`).
+        `visual_tokens`: keep this many visual tokens per image (an int), or this fraction of them (a
+        float in (0, 1)), chosen by `compression` ("pool", "topk" or "merge"; runtime/compress.py); None: all."""
         directory = Path(directory)
         check_threads(threads)  # before anything is read
+        plan = compression_plan(visual_tokens, compression)
         manifest = load_manifest(directory, checksums=verify)
         if backend == "auto":
             from .tensorrt.backends import resolve_backend
@@ -97,7 +105,7 @@ class VLM:
         decoders = manifest.model.pipeline["decoders"]
         if decoder is not None and decoder not in decoders:
             raise ArtifactError(f"{directory} has no decoder graph {decoder!r}; its decoders are {decoders}")
-        return cls(directory, manifest, backend, threads, decoder, int8_prefill)
+        return cls(directory, manifest, backend, threads, decoder, int8_prefill, plan)
 
     def _runner(self, name: str):
         m = self.manifest
@@ -226,17 +234,20 @@ class VLM:
             for video in request.videos:
                 frames, meta = load_video(*_video_source(video), sampling=self.family.frame_sampling)  # [F, H, W, 3]
                 items.append(self.family.prepare_video(frames, meta.sampled_fps, **request.sizes))
+            if self.family.compression is not None:  # the prompt expands to the kept count
+                items = [self.family.compressed(i) for i in items]
         except ImageError:
             raise
         except ValueError as e:  # the request's sizes (min/max_pixels) against the model's limits
             raise PromptError(str(e)) from None
         return items
 
-    def _run_graph(self, name: str, x: np.ndarray | dict) -> np.ndarray:
-        """A graph of the media chain: its one input (or a feed dict) -> its first output."""
+    def _run_graph(self, name: str, x: np.ndarray | dict, all_outputs: bool = False) -> np.ndarray | dict:
+        """A graph of the media chain: its one input (or a feed dict) -> its first output (or all, by name)."""
         spec = self.manifest.graphs[name]
         feeds = x if isinstance(x, dict) else {spec.input_names[0]: x}
-        return self.runners[name].run(feeds)[spec.output_names[0]]
+        outputs = self.runners[name].run(feeds)
+        return {n: outputs[n] for n in spec.output_names} if all_outputs else outputs[spec.output_names[0]]
 
     def _run_graph_outputs(self, name: str, feeds: dict) -> dict[str, np.ndarray]:
         """A graph of the media chain run on a feed dict -> all its outputs by name."""
@@ -289,6 +300,15 @@ class VLM:
             if given:
                 embeds[slots] = np.concatenate(mine)
         return embeds
+
+
+def compression_plan(visual_tokens: int | float | None, method: str = "pool") -> Compression | None:
+    """`visual_tokens` (an int: tokens per image; a float in (0, 1]: a fraction) -> a Compression."""
+    if visual_tokens is None:
+        return None
+    if isinstance(visual_tokens, float):
+        return Compression(method, ratio=visual_tokens)
+    return Compression(method, keep=visual_tokens)  # Compression checks it is an int >= 1
 
 
 def _split(media: list[np.ndarray], splits: np.ndarray) -> list[list[np.ndarray]]:

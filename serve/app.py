@@ -63,6 +63,8 @@ class ServeConfig:
     image_fetch_timeout: float = 10.0  # seconds per remote image
     prefill_chunk: int = 256  # prompt tokens per prefill call
     prefill_tokens_per_step: int = 256  # prompt tokens prefilled between two decode steps
+    visual_tokens: int | float | None = None  # visual-token compression (runtime/compress.py): per image
+    compression: str = "pool"
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_queue", "max_images", "max_image_pixels", "prefill_chunk",
@@ -101,7 +103,8 @@ class Server:
 
         c = self.config
         try:
-            vlm = VLM.load(c.directory, backend=c.backend, threads=c.threads, decoder=c.decoder)
+            vlm = VLM.load(c.directory, backend=c.backend, threads=c.threads, decoder=c.decoder,
+                           visual_tokens=c.visual_tokens, compression=c.compression)
             builder = PromptBuilder(vlm, int(c.vision_cache_mb * MB))
             engine = Engine(vlm, c.max_num_seqs, c.max_queue, c.max_model_len, c.prefill_chunk,
                             c.prefill_tokens_per_step, self.metrics)

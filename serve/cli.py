@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call (chunked prefill)")
     p.add_argument("--prefill-tokens-per-step", type=int, default=256,
                    help="prompt tokens prefilled between two decode steps (at least one chunk)")
+    from vlmdeploy.runtime.compress import add_arguments as compression_arguments
+
+    compression_arguments(p)  # --visual-tokens K --compression pool|topk|merge
     p.add_argument("--ray", action="store_true", help="serve with Ray Serve on a local Ray instance (vlmdeploy[ray])")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the server, each with its own model")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -46,7 +49,8 @@ def config_from_args(args):
         allow_remote_images=args.allow_remote_images, image_fetch_timeout=args.image_fetch_timeout,
         allowed_local_media_path=args.allowed_local_media_path,
         vision_cache_mb=args.vision_cache_mb, prefill_chunk=args.prefill_chunk,
-        prefill_tokens_per_step=args.prefill_tokens_per_step,
+        prefill_tokens_per_step=args.prefill_tokens_per_step, visual_tokens=args.visual_tokens,
+        compression=args.compression,
     )
 
 

@@ -199,3 +199,15 @@ def test_cli_eval_errors(capsys, tmp_path):
     assert "give at least one artifact directory" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "no such artifact directory" in capsys.readouterr().err
+
+
+def test_shapes_hd_is_shipped_with_144_visual_tokens():
+    """models/shapes-hd: the same scenes at 168 px, 14 px patches (12x12 tokens), <= 25 MB, found by its recipe."""
+    path = find_weights(load_recipe("shapes-hd"))
+    config = json.loads((path / "config.json").read_text())["vision_config"]
+    assert (config["image_size"] // config["patch_size"]) ** 2 == 144
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 2**20
+    small, large = shapes.example("heldout", 3), shapes.example("heldout", 3, size=168)
+    assert large.image.size == (168, 168) and (large.shapes, large.question) == (small.shapes, small.question)
+    with pytest.raises(ValueError, match=r"allowed sizes are >= 84 px"):
+        shapes.example("train", 0, size=42)

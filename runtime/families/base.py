@@ -20,12 +20,15 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..compress import Compression
 from ..images import parallel_map
 from ..manifest import ArtifactError, ModelFacts
 from ..text import expand_placeholders
 
-RunGraph = Callable[[str, np.ndarray], np.ndarray]  # (graph name, its one input) -> its one output
+# (graph name, its one input or a feed dict) -> its first output; with all_outputs=True: {name: output}
+RunGraph = Callable[..., "np.ndarray | dict[str, np.ndarray]"]
 RunGraphOutputs = Callable[[str, dict], dict]  # (graph name, feeds) -> every output by name
+SCORES = "attention_scores"  # the vision graph's optional output [n, T]: what topk/merge rank tokens by
 ReadJson = Callable[[str], "dict | None"]  # a checkpoint file's name -> its JSON, None when absent
 Size = tuple[int, int]  # (height, width)
 
@@ -83,10 +86,26 @@ class Family:
     size_options = False  # True: prepare takes min_pixels/max_pixels per call
     frame_sampling = None  # video families: runtime/video.py FrameSampling (how load_video picks frames)
     media_in_prompt = True  # False: media embeddings replace no prompt tokens (the decoder reads them, mllama)
+    # visual-token compression (runtime/compress.py): the methods this family can apply, and why not the others
+    compression_methods: tuple[str, ...] = ()
+    compression_refusal = "its visual tokens are not a grid per vision row"
 
     def __init__(self, facts: ModelFacts, preprocess: dict, tensors: Mapping[str, np.ndarray]):
         self.facts, self.tensors = facts, tensors
+        self.compression: Compression | None = None  # set by VLM.load through check_compression
         self.configure(preprocess)
+
+    def check_compression(self, compression: Compression | None, scored: bool) -> Compression | None:
+        """`scored`: the artifact's vision graph has the attention_scores output."""
+        if compression is None:
+            return None
+        if compression.method not in self.compression_methods:
+            self.refuse(compression, self.compression_methods)
+        if compression.needs_scores and not scored:
+            raise ValueError(f"{compression.method} ranks visual tokens by the vision tower's attention, and this "
+                             f"artifact's vision graph has no {SCORES} output; re-export it with vlmdeploy >= this "
+                             "version, or use pool")
+        return compression
 
     def configure(self, preprocess: dict) -> None:
         raise NotImplementedError
@@ -141,10 +160,33 @@ class Family:
         if not items:
             return []
         x = np.concatenate([i.pixels for i in items]).astype(self.facts.dims.dtype)  # [sum n, 3, H, W]
+        scores = None  # [sum n, T] from the vision graph, when compression ranks tokens
         for graph in self.facts.pipeline["image"]:
-            x = run(graph, x)
+            if self.compression is not None and self.compression.needs_scores and scores is None:
+                outputs = run(graph, x, all_outputs=True)
+                x, scores = next(iter(outputs.values())), outputs[SCORES]
+            else:
+                x = run(graph, x)
         splits = np.cumsum([i.pixels.shape[0] for i in items])[:-1]
-        return [self._checked(item, self.pack(item, f)) for item, f in zip(items, np.split(x, splits))]
+        rows = [None] * len(items) if scores is None else np.split(scores, splits)
+        return [self._checked(item, self.pack_item(item, f, s)) for item, f, s in zip(items, np.split(x, splits), rows)]
+
+    def pack_item(self, item: MediaItem, features: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
+        """features [n, T, C] (scores [n, T]) of this item's rows -> embeds [num_tokens, C], compressed
+        when the item was (`compressed`)."""
+        if "compressed" not in item.meta:
+            return self.pack(item, features)
+        return self.pack_compressed(item, features, scores)
+
+    # -- visual-token compression (runtime/compress.py): a family that takes it overrides these --------
+
+    def compressed(self, item: MediaItem) -> MediaItem:
+        """The item with its token count after compression (before any graph runs: the prompt is
+        expanded to it); the family records in item.meta["compressed"] what pack_compressed needs."""
+        raise NotImplementedError
+
+    def pack_compressed(self, item: MediaItem, features: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
 
     def _checked(self, item: MediaItem, embeds: np.ndarray) -> np.ndarray:
         if embeds.shape[0] != item.num_tokens:
@@ -176,6 +218,16 @@ class Family:
         (+ any other the family finds worth showing). `tile_tokens`/`tile_size`: the feature tokens
         and the input (h, w) of one vision row; `facts`: the artifact's, None when planning from sizes."""
         raise NotImplementedError
+
+    @classmethod
+    def compressed_tokens(cls, preprocess: dict | None, row: ImageTokens, compression: Compression) -> ImageTokens:
+        """A plan row after visual-token compression (what `compressed` gives an item of that size)."""
+        cls.refuse(compression, ())
+
+    @classmethod
+    def refuse(cls, compression: Compression, allowed: tuple[str, ...]):
+        raise ValueError(f"the {cls.name} family cannot apply visual-token compression {compression.method!r} "
+                         f"({cls.compression_refusal}); methods it takes: {', '.join(allowed) or 'none'}")
 
     @classmethod
     def video_tokens(cls, preprocess: dict | None, frames: int, size: Size) -> ImageTokens | None:

@@ -16,6 +16,12 @@ from .llava import Llava
 
 class Blip2(Llava):
     name = "blip2"
+    compression_methods = ()
+    compression_refusal = "its Q-Former gives a fixed number of learned query tokens, not a grid of image patches"
+
+    def configure(self, preprocess: dict) -> None:
+        super().configure(preprocess)
+        self.compression_methods = ()  # Llava.configure allows it for a square count
 
     def check_placeholders(self, prompt: str, counts: dict[str, int]) -> None:
         if counts.get("image", 0) > 1:

@@ -16,6 +16,7 @@ from .base import Family, ImageTokens, MediaItem
 
 class Idefics2(Family):
     name = "idefics2"
+    compression_refusal = "its perceiver resampler gives a fixed number of learned latents per image"
 
     def configure(self, preprocess: dict) -> None:
         self.params = idefics2.Idefics2Params.from_dict(preprocess)

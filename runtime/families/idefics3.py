@@ -17,6 +17,7 @@ from .base import Family, ImageTokens, MediaItem
 
 class Idefics3(Family):
     name = "idefics3"
+    compression_refusal = "its tiles are pixel-shuffled and wrapped in per-tile row/column text tokens; not supported yet"
 
     def configure(self, preprocess: dict) -> None:
         self.params = idefics3.Idefics3Params.from_dict(preprocess)

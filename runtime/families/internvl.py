@@ -13,6 +13,7 @@ from .base import Family, ImageTokens, MediaItem
 
 class InternVL(Family):
     name = "internvl"
+    compression_refusal = "its tiles are pixel-shuffled and wrapped in <img>...</img> per image; not supported yet"
 
     def configure(self, preprocess: dict) -> None:
         self.params = internvl.InternVLParams.from_dict(preprocess)

@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
+from ..compress import METHODS
 from ..images import ImagePreprocessor
 from ..spec import is_int
 from .base import Family, ImageTokens, MediaItem
@@ -12,15 +16,43 @@ from .base import Family, ImageTokens, MediaItem
 
 class Llava(Family):
     name = "llava"
+    compression_methods = METHODS
+    compression_refusal = "its image features keep the [CLS] token (vision_feature_select_strategy 'full'): not a square grid"
 
     def configure(self, preprocess: dict) -> None:
         self.preprocessor = ImagePreprocessor.from_dict(preprocess)
         self.tokens = self.facts.family_params.get("tokens_per_image", self.facts.tokens_per_image)
         if not is_int(self.tokens, 1):
             raise ValueError(f"family_params.tokens_per_image must be an int >= 1, got {self.tokens!r}")
+        side = math.isqrt(self.tokens)
+        self.grid = (side, side)  # the patch grid of the features
+        if side * side != self.tokens:
+            self.compression_methods = ()
+
+    def check_compression(self, compression, scored):
+        compression = super().check_compression(compression, scored)
+        if compression is not None:
+            compression.tokens(self.grid)  # every image has this grid: a K too large fails at load
+        return compression
 
     def prepare(self, image) -> MediaItem:
         return MediaItem(self.preprocessor([image]), self.tokens)  # [1, 3, H, W]
+
+    def compressed(self, item: MediaItem) -> MediaItem:
+        return replace(item, num_tokens=self.compression.tokens(self.grid), meta={**item.meta, "compressed": self.grid})
+
+    def pack_compressed(self, item, features, scores):
+        """features [1, T, C], scores [1, T] -> the kept [K, C] (positions: the prompt's, as uncompressed)."""
+        kept, _ = self.compression.apply(features[0], self.grid, None if scores is None else scores[0])
+        return kept
+
+    @classmethod
+    def compressed_tokens(cls, preprocess, row, compression):
+        side = math.isqrt(row.tokens_per_tile)
+        if side * side != row.tokens_per_tile:
+            cls.refuse(compression, ())  # features with the [CLS] token, as at load
+        k = compression.tokens((side, side))
+        return replace(row, tokens_per_tile=k, tokens=k)
 
     @classmethod
     def visual_tokens(cls, preprocess, image_sizes, tile_tokens, tile_size, facts=None):

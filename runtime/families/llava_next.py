@@ -14,15 +14,36 @@ from dataclasses import replace
 import numpy as np
 
 from .. import anyres
+from ..compress import Compression, pool_grid
 from .base import Family, ImageTokens, MediaItem
 
 
 class LlavaNext(Family):
     name = "llava_next"
+    compression_methods = ("pool",)
+    compression_refusal = ("each tile's tokens are stitched into one grid, unpadded to the image's aspect, with a "
+                           "newline per row: it needs a grid, so tiles are pooled by a square factor only")
 
     def configure(self, preprocess: dict) -> None:
         self.params = anyres.AnyresParams.from_dict(preprocess)
         self.newline = self.tensors["image_newline"]  # [C]
+
+    def check_compression(self, compression, scored):
+        compression = super().check_compression(compression, scored)
+        if compression is not None:
+            self.pooled = pooled_params(self.params, compression)  # ValueError for a count it cannot pool to
+        return compression
+
+    def compressed(self, item: MediaItem) -> MediaItem:
+        size = item.meta["image_size"]
+        return replace(item, num_tokens=anyres.num_image_tokens(size, self.pooled), meta={**item.meta, "compressed": True})
+
+    def pack_compressed(self, item, features, scores):
+        """features [n, T, C] -> each tile pooled [n, T/f^2, C] -> packed on the pooled grid (as HF packs
+        LLaVA-NeXT's features for a patch size f times larger: unpadding and newlines on that grid)."""
+        grid = self.params.tile_hw[0] // self.params.patch_size, self.params.tile_hw[1] // self.params.patch_size
+        tiles = np.stack([self.compression.apply(f, grid)[0] for f in features])
+        return anyres.pack_features(tiles, item.meta["image_size"], self.pooled, self.newline)
 
     def prepare(self, image) -> MediaItem:
         pixels, size = anyres.preprocess(image, self.params)  # [1 + tiles, 3, crop, crop], (h, w)
@@ -70,6 +91,13 @@ class LlavaNext(Family):
                       f"grid of {pins}; the grid unpadded to the image's aspect, + 1 newline per row")
 
     @classmethod
+    def compressed_tokens(cls, preprocess, row, compression):
+        p = anyres.AnyresParams.from_dict(preprocess)
+        pooled = pooled_params(p, compression)
+        pooled_row = _row(row.size, pooled, row.typical)
+        return replace(row, tokens_per_tile=pooled.tokens_per_tile, tokens=pooled_row.tokens, newlines=pooled_row.newlines)
+
+    @classmethod
     def plan_notes(cls, rows, sized):
         big = max((v for v in rows if v.grid), key=lambda v: v.tokens, default=None)
         if big is None:
@@ -85,6 +113,20 @@ class LlavaNext(Family):
     @classmethod
     def projector_extras(cls, text_hidden):
         return {"image_newline": text_hidden}  # [C], an artifact tensor
+
+
+def pooled_params(p: anyres.AnyresParams, compression: Compression) -> anyres.AnyresParams:
+    """The params whose patch size is f times larger: each tile's (h, w) token grid pooled f x f."""
+    if p.vision_feature_select_strategy != "default":
+        raise ValueError(f"the llava_next family cannot pool features that keep the [CLS] token "
+                         f"(vision_feature_select_strategy {p.vision_feature_select_strategy!r})")
+    h, w = p.tile_hw[0] // p.patch_size, p.tile_hw[1] // p.patch_size
+    oh, ow = pool_grid((h, w), compression.tokens((h, w)))
+    if h % oh or w % ow or h // oh != w // ow:
+        allowed = [(h // f) * (w // f) for f in range(1, min(h, w) + 1) if h % f == 0 and w % f == 0]
+        raise ValueError(f"the llava_next family pools each {h}x{w}-token tile by a square factor; "
+                         f"{compression.label()} gives {oh}x{ow}. Allowed tokens per tile: {allowed}")
+    return replace(p, patch_size=p.patch_size * (h // oh))
 
 
 def _row(size, p: anyres.AnyresParams, typical: str = "") -> ImageTokens:

@@ -22,6 +22,7 @@ from .base import Family, ImageTokens, MediaItem
 
 class LlavaOnevision(Family):
     name = "llava_onevision"
+    compression_refusal = "its anyres tiles are pooled and unpadded by the family's own rules; not supported yet"
     media_kinds = ("image", "video")
 
     def configure(self, preprocess: dict) -> None:

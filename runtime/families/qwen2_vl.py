@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import replace
+
+from ..compress import pool_grid
 from ..mrope import MediaSpan, rope_index, vision_inputs
 from ..qwen_images import QwenVLPreprocessor, tokens_for
 from ..video import FrameSampling
@@ -23,6 +26,8 @@ class Qwen2VL(Family):
     name = "qwen2_vl"
     media_kinds = ("image", "video")
     size_options = True
+    compression_methods = ("pool",)
+    compression_refusal = "its vision graph (the merger's output) has no attention_scores output to rank tokens by"
 
     def configure(self, preprocess: dict) -> None:
         self.preprocessor = QwenVLPreprocessor.from_dict(preprocess["image"])
@@ -66,15 +71,37 @@ class Qwen2VL(Family):
         if host.restore is not None:
             embeds = embeds[host.restore]
         splits = np.cumsum([i.pixels.shape[0] for i in items])[:-1]
-        return [self._checked(item, e) for item, e in zip(items, np.split(embeds, splits))]
+        return [self._checked(item, self.pack_item(item, e, None)) for item, e in zip(items, np.split(embeds, splits))]
 
     def prompt_positions(self, ids: np.ndarray, items: list[MediaItem]) -> np.ndarray:
-        """ids [S] -> M-RoPE positions [3, S] (HF `get_rope_index` for one unpadded row)."""
+        """ids [S] -> M-RoPE positions [3, S] (HF `get_rope_index` for one unpadded row); pooled
+        items take the positions of their pooled grid."""
         types = np.zeros(len(ids), dtype=np.int64)
         for kind, media in self.facts.media.items():
             types[ids == media.token_id] = KIND_IDS[kind]
-        spans = [MediaSpan(KIND_IDS[i.kind], i.meta["grid"], i.meta["interval"]) for i in items]
+        spans = [MediaSpan(KIND_IDS[i.kind], self._token_grid(i), i.meta["interval"]) for i in items]
         return rope_index(types, spans, self.merge)
+
+    def _token_grid(self, item: MediaItem) -> tuple[int, int, int]:
+        """(t, h, w) in patches of the tokens the prompt holds: the pooled grid (x merge) when compressed."""
+        if "compressed" not in item.meta:
+            return item.meta["grid"]
+        oh, ow = item.meta["compressed"]
+        return item.meta["grid"][0], oh * self.merge, ow * self.merge
+
+    def compressed(self, item: MediaItem) -> MediaItem:
+        """Each frame's (h, w) merged-token grid pooled to (oh, ow): t * oh * ow tokens."""
+        t, h, w = item.meta["grid"]
+        grid = (h // self.merge, w // self.merge)
+        pooled = pool_grid(grid, self.compression.tokens(grid))
+        return replace(item, num_tokens=t * pooled[0] * pooled[1], meta={**item.meta, "compressed": pooled})
+
+    def pack_compressed(self, item, features, scores):
+        """features [t*h*w, C] (t-major, row-major merged tokens) -> [t*oh*ow, C], each frame pooled."""
+        t, h, w = item.meta["grid"]
+        frames = features.reshape(t, h // self.merge * (w // self.merge), -1)
+        grid = (h // self.merge, w // self.merge)
+        return np.concatenate([self.compression.apply(f, grid)[0] for f in frames])
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -91,6 +118,14 @@ class Qwen2VL(Family):
             n = (rh // unit) * (rw // unit)
             rows.append(ImageTokens((h, w), 1, n, n, resolution=(rh, rw), typical="" if image_sizes else "typical"))
         return tuple(rows), rule
+
+    @classmethod
+    def compressed_tokens(cls, preprocess, row, compression):
+        rh, rw = row.resolution
+        pre = QwenVLPreprocessor.from_dict(preprocess["image"]) if preprocess else QwenVLPreprocessor()
+        unit = pre.patch_size * pre.merge_size
+        oh, ow = pool_grid((rh // unit, rw // unit), compression.tokens((rh // unit, rw // unit)))
+        return replace(row, tokens_per_tile=oh * ow, tokens=oh * ow)
 
     @classmethod
     def plan_notes(cls, rows, sized):
