@@ -455,7 +455,7 @@ def validate(path, spec: GraphSpec, reference, feeds_at, dims_list: list[dict], 
     sliding-window cache keeps the last entries only) is compared with the same last slots."""
     from vlmdeploy.runtime.runners import OrtRunner
 
-    runner, (past_names, present_names) = OrtRunner(path, spec), kv_names(num_layers)
+    runner, (past_names, present_names) = OrtRunner(path, spec, low_memory=True), kv_names(num_layers)
     worst, runs = 0.0, []
     for dims in dims_list:
         feeds = feeds_at(dims)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -21,6 +22,7 @@ from vlmdeploy.runtime.spec import GraphSpec
 
 from . import decoder_gqa, onnx_export, registry
 from .components import ExportError
+from .export_plan import Machine, check_machine, export_needs
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
 from .quantize import SCHEMES, quantize_graph
 from .recipes import RecipeError, find_weights, load_recipe, recipe_names
@@ -74,8 +76,9 @@ def resolve_source(model: str, dtype: str | None):
 
 
 def export_model(model: str, out: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET, log=None,
-                 quantize: str | None = None) -> Manifest:
-    """`quantize`: "int8" | "int4" weight-only quantization of decoder_gqa (the portable decoder stays float)."""
+                 quantize: str | None = None, machine: Machine | None = Machine()) -> Manifest:
+    """`quantize`: "int8" | "int4" weight-only quantization of decoder_gqa (the portable decoder stays float).
+    `machine`: where free memory and disk are read before loading (None: not checked)."""
     log = log or Progress()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
@@ -87,10 +90,24 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, opset: i
     check_export_target(Path(out))  # before minutes of work
     with resolve_source(model, dtype) as src, staging_dir(Path(out), check_export_target) as tmp:
         log(f"checkpoint {src.checkpoint} ({src.dtype}, opset {opset})")
+        _check_resources(src, Path(out), machine, log)
         manifest = _export_into(src, tmp, opset, log, quantize)
         manifest.write(tmp)
     log(f"done: {Path(out)}")
     return manifest
+
+
+def _check_resources(src: Source, out: Path, machine: Machine | None, log) -> None:
+    """Refuse before loading when the machine has less memory or disk than the measured curve says."""
+    if machine is None:
+        return
+    try:
+        needs = export_needs(str(src.checkpoint), src.dtype)
+    except (RecipeError, ValueError, KeyError, OSError) as e:  # the planner does not know every architecture
+        log(f"no export memory estimate for this checkpoint ({e}); not checked")
+        return
+    log(needs.lines()[0])
+    check_machine(needs, out, machine)
 
 
 def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) -> Manifest:
@@ -106,14 +123,14 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
     dtype = TORCH_DTYPES[src.dtype]
     facts = family.model_facts(model, files, tokenizer, dtype)
     specs = family.graph_specs(facts, model, log)
-    recorded = _torch_phase(family, model, facts, specs, tmp, opset, log)
+    recorded = _torch_phase(family, model, facts, specs, tmp, opset, log, src.checkpoint)
     if "decoder_gqa" not in specs:
         facts = dataclasses.replace(facts, pipeline={**facts.pipeline, "decoders": ["decoder"]})
     for name, array in family.tensors(model, dtype).items():
         np.save(tmp / facts.tensors[name], array, allow_pickle=False)
     preprocess = family.preprocess(files, model)
     del model
-    release_torch(log)
+    release_torch(log, src.checkpoint)
     validation = _ort_phase(family, facts, specs, recorded, tmp, log)
     quantization = _quantize(facts, specs, recorded, tmp, quantize, validation, log) if quantize else None
     text_files = _write_text_files(files, tokenizer, tmp)
@@ -135,8 +152,9 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
     )
 
 
-def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log) -> dict[str, onnx_export.Recorded]:
-    """Write every graph and record PyTorch's validation outputs; the graph modules die with this frame."""
+def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log, checkpoint: Path) -> dict:
+    """Write every graph and record PyTorch's validation outputs; the graph modules die with this frame.
+    After each graph the checkpoint's pages it read are dropped (the weights are only ever read)."""
     modules = family.graph_modules(model)  # traced graphs; decoder_gqa is built directly as ONNX
     recorded = {}
     for i, (name, spec) in enumerate(list(specs.items()), 1):
@@ -146,6 +164,7 @@ def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log) 
         except Exception as e:  # noqa: BLE001 — an optional graph never fails the export
             _skip_optional(tmp, name, specs, e, log)
             continue
+        drop_mapped_pages(checkpoint)
         log(f"[{i}/{len(specs)}] {name}: written, PyTorch reference recorded")
     return recorded
 
@@ -171,20 +190,47 @@ def _skip_optional(tmp: Path, name: str, specs: dict, error: Exception, log) -> 
     log(f"{name}: skipped, the export ships without it ({type(error).__name__}: {str(error)[:200]})")
 
 
-def release_torch(log) -> None:
+def release_torch(log, checkpoint: Path) -> None:
     """Collect the torch model's last references (cycles) so its weights are unmapped before ONNX
     Runtime loads a graph; logs the resident memory left."""
     import gc
 
     gc.collect()
-    log(f"torch model released (resident {_rss_gb():.2f} GB, peak so far {_rss_gb('VmHWM'):.2f} GB)")
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed heap pages; hand them back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    drop_mapped_pages(checkpoint)
+    mem = memory_status()
+    log(f"torch model released (resident {mem.get('VmRSS', 0) / 1e9:.2f} GB, of it anonymous "
+        f"{mem.get('RssAnon', 0) / 1e9:.2f} GB; peak so far {mem.get('VmHWM', 0) / 1e9:.2f} GB)")
 
 
-def _rss_gb(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else ():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1e6
-    return float("nan")
+MADV_DONTNEED = 4
+
+
+def drop_mapped_pages(directory: Path) -> int:
+    """Drop this process's resident pages of files under `directory` that are still mapped (the
+    checkpoint's safetensors: torch.export keeps a reference to the traced parameters in a module
+    global, so the mapping outlives the model). Call it only once the model is dropped: a private
+    mapping's pages come back from the file if anything touches them again. Returns the bytes of mapping advised."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return 0
+    libc, root, dropped = ctypes.CDLL("libc.so.6", use_errno=True), str(Path(directory).resolve()), 0
+    for line in maps.read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(root + os.sep):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+                dropped += end - start
+    return dropped
+
+
+def memory_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process in bytes ({} where /proc is not there)."""
+    status = Path("/proc/self/status")
+    fields = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in lines) if k in fields}
 
 
 def _load(src: Source, log):

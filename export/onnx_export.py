@@ -85,7 +85,7 @@ def validate_graph(
 ) -> dict:
     """Run the ONNX graph in ONNX Runtime and the torch reference on fresh random inputs at several
     shapes; return the record for the manifest. Raises ValueError beyond tolerance."""
-    runner = OrtRunner(path, spec)
+    runner = OrtRunner(path, spec, low_memory=True)
     worst, shapes = 0.0, []
     for dims in dims_list:
         feeds = feeds_at(dims)

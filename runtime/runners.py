@@ -74,13 +74,20 @@ def check_threads(threads) -> int | None:
 class OrtRunner(Runner):
     """ONNX Runtime; on the CPU unless `providers` names GPU execution providers."""
 
-    def __init__(self, path: str | Path, spec: GraphSpec, threads: int | None = None, providers: list | None = None):
+    def __init__(self, path: str | Path, spec: GraphSpec, threads: int | None = None, providers: list | None = None,
+                 low_memory: bool = False):
+        """`low_memory` (export validation): basic graph optimizations only and no memory arena. The
+        full level folds the Casts ORT's CPU kernels need around float16 weights into float32 copies
+        (2x the fp16 weights, measured); basic leaves the weights memory-mapped from the external
+        data file and casts one at a time while it runs."""
         super().__init__(spec)
         ort = import_onnxruntime()
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = check_threads(threads) or default_threads()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if low_memory
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        opts.enable_cpu_mem_arena = not low_memory
         providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self._local = threading.local()  # per-thread IOBinding state
