@@ -85,8 +85,8 @@ def _cached_decode_equals_recompute(out: Path, new_tokens: int = 4) -> None:
     tokens = vlm.generate(prompt, [image], max_new_tokens=new_tokens, ignore_eos=True).token_ids
     assert len(tokens) == new_tokens
     batch, _, _ = vlm._prepare([vlm._request(prompt, [image], (), None, None)])
-    embed = vlm._runner(vlm.facts.pipeline["embed"])
-    loop = DecodeLoop(embed, vlm._runner("decoder"), vlm.facts)
+    embed = vlm.runners[vlm.facts.pipeline["embed"]]
+    loop = DecodeLoop(embed, vlm.runners["decoder"], vlm.facts)  # the same sessions: one mapping of the weights
     embeds, mask = batch.embeds, batch.mask
     for token in tokens:
         logits = loop.prefill_logits(Batch(embeds, mask))
