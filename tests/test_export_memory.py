@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from vlmdeploy.export import exporter, onnx_export
 from vlmdeploy.export.export_plan import Machine, ResourceError, check_machine, export_needs
 from vlmdeploy.runtime import runners
+from vlmdeploy.runtime.backends import make_runner
 from vlmdeploy.runtime.spec import GraphSpec, TensorSpec
 
 
@@ -96,7 +97,7 @@ def test_validation_session_keeps_fp16_weights_mapped_not_copied_as_float32(tmp_
     for low in (True, False):
         gc.collect()
         before = _anon_bytes()
-        runner = runners.OrtRunner(tmp_path / "g.onnx", spec, threads=1, low_memory=low)
+        runner = make_runner("ort-cpu-mapped" if low else "ort-cpu", tmp_path / "g.onnx", spec, threads=1)
         runner.run(x)
         grown[low] = _anon_bytes() - before
         del runner
