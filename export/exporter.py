@@ -119,18 +119,18 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
         free torch:  the model and every graph module dropped (their mmapped weights unmapped)
         ORT phase:   one graph at a time: load, compare with the recorded outputs, release
     """
-    family, model, files, tokenizer = _load(src, log)
+    family, model, files, tokenizer, mapped = _load(src, log)  # mapped: the weights' file mappings
     dtype = TORCH_DTYPES[src.dtype]
     facts = family.model_facts(model, files, tokenizer, dtype)
     specs = family.graph_specs(facts, model, log)
-    recorded = _torch_phase(family, model, facts, specs, tmp, opset, log, src.checkpoint)
+    recorded = _torch_phase(family, model, facts, specs, tmp, opset, log, mapped, src.checkpoint)
     if "decoder_gqa" not in specs:
         facts = dataclasses.replace(facts, pipeline={**facts.pipeline, "decoders": ["decoder"]})
     for name, array in family.tensors(model, dtype).items():
         np.save(tmp / facts.tensors[name], array, allow_pickle=False)
     preprocess = family.preprocess(files, model)
     del model
-    release_torch(log, src.checkpoint)
+    release_torch(log, mapped, src.checkpoint)
     validation = _ort_phase(family, facts, specs, recorded, tmp, log)
     quantization = _quantize(facts, specs, recorded, tmp, quantize, validation, log) if quantize else None
     text_files = _write_text_files(files, tokenizer, tmp)
@@ -152,7 +152,7 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None) 
     )
 
 
-def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log, checkpoint: Path) -> dict:
+def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log, mapped: list, checkpoint: Path) -> dict:
     """Write every graph and record PyTorch's validation outputs; the graph modules die with this frame.
     After each graph the checkpoint's pages it read are dropped (the weights are only ever read)."""
     modules = family.graph_modules(model)  # traced graphs; decoder_gqa is built directly as ONNX
@@ -164,7 +164,7 @@ def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log, 
         except Exception as e:  # noqa: BLE001 — an optional graph never fails the export
             _skip_optional(tmp, name, specs, e, log)
             continue
-        drop_mapped_pages(checkpoint)
+        drop_mapped_pages(mapped, checkpoint)
         log(f"[{i}/{len(specs)}] {name}: written, PyTorch reference recorded")
     return recorded
 
@@ -190,7 +190,7 @@ def _skip_optional(tmp: Path, name: str, specs: dict, error: Exception, log) -> 
     log(f"{name}: skipped, the export ships without it ({type(error).__name__}: {str(error)[:200]})")
 
 
-def release_torch(log, checkpoint: Path) -> None:
+def release_torch(log, mapped: list, checkpoint: Path) -> None:
     """Collect the torch model's last references (cycles) so its weights are unmapped before ONNX
     Runtime loads a graph; logs the resident memory left."""
     import gc
@@ -198,7 +198,7 @@ def release_torch(log, checkpoint: Path) -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed heap pages; hand them back
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    drop_mapped_pages(checkpoint)
+    drop_mapped_pages(mapped, checkpoint)
     mem = memory_status()
     log(f"torch model released (resident {mem.get('VmRSS', 0) / 1e9:.2f} GB, of it anonymous "
         f"{mem.get('RssAnon', 0) / 1e9:.2f} GB; peak so far {mem.get('VmHWM', 0) / 1e9:.2f} GB)")
@@ -207,21 +207,26 @@ def release_torch(log, checkpoint: Path) -> None:
 MADV_DONTNEED = 4
 
 
-def drop_mapped_pages(directory: Path) -> int:
-    """Drop this process's resident pages of files under `directory` that are still mapped (the
-    checkpoint's safetensors: torch.export keeps a reference to the traced parameters in a module
-    global, so the mapping outlives the model). Call it only once the model is dropped: a private
-    mapping's pages come back from the file if anything touches them again. Returns the bytes of mapping advised."""
-    maps = Path("/proc/self/maps")
-    if not maps.exists():
-        return 0
-    libc, root, dropped = ctypes.CDLL("libc.so.6", use_errno=True), str(Path(directory).resolve()), 0
-    for line in maps.read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].startswith(root + os.sep):
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
-                dropped += end - start
+def checkpoint_mappings(directory: Path) -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of files under `directory` (/proc/self/maps)."""
+    maps, root = Path("/proc/self/maps"), str(Path(directory).resolve())
+    lines = maps.read_text().splitlines() if maps.exists() else []
+    return [tuple(int(x, 16) for x in parts[0].split("-")) for parts in (line.split(maxsplit=5) for line in lines)
+            if len(parts) == 6 and parts[5].startswith(root + os.sep)]
+
+
+def drop_mapped_pages(mapped: list[tuple[int, int]], checkpoint: Path) -> int:
+    """Drop the resident pages of the mappings the export's own load made (the checkpoint's
+    safetensors: torch.export keeps a reference to the traced parameters in a module global, so the
+    mapping outlives the model). Only those: another model in this process mapping the same files
+    keeps its pages. The export never writes to its weights, so a dropped page comes back from the
+    file if it is touched again. Returns the bytes advised."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    live = set(checkpoint_mappings(checkpoint))  # a range unmapped and reused since is left alone
+    dropped = 0
+    for start, end in mapped:
+        if (start, end) in live and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            dropped += end - start
     return dropped
 
 
@@ -242,6 +247,7 @@ def _load(src: Source, log):
     log(f"loading {config.architectures[0]} weights")
     model_cls = family.model_class()  # family: an export/family.py LlavaStyleExport
     _check_weight_files(src.checkpoint)
+    before = set(checkpoint_mappings(src.checkpoint))
     try:
         model = model_cls.from_pretrained(src.checkpoint, dtype=getattr(torch, TORCH_DTYPES[src.dtype]),
                                           attn_implementation="sdpa")
@@ -251,7 +257,7 @@ def _load(src: Source, log):
     model.eval()
     files = read_processor_files(src.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(src.checkpoint)
-    return family, model, files, tokenizer
+    return family, model, files, tokenizer, [m for m in checkpoint_mappings(src.checkpoint) if m not in before]
 
 
 def _check_weight_files(checkpoint: Path) -> None:
