@@ -14,7 +14,7 @@ MODEL_PATH ?=
 
 EXPORT_MODEL := $(if $(MODEL_PATH),$(MODEL_PATH),$(MODEL))
 
-.PHONY: setup setup-runtime export run check demo test fuzz bench clean train-shapes train-shapes-hd eval-shapes plan bigckpt serve bench-serve compression-curve
+.PHONY: setup setup-runtime export run check demo test test-large export-memory fuzz bench clean train-shapes train-shapes-hd eval-shapes plan bigckpt serve bench-serve compression-curve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,17 @@ plan:
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# The 7B-shaped export (issue 14): peak RSS <= 1.2x the weights, check, tokens. ~30 GB disk under
+# LARGE_DIR, ~17 GB free memory, ~20 min on 2 cores. Not part of `make test`.
+LARGE_DIR ?= /tmp
+test-large: setup
+	VLMDEPLOY_LARGE_DIR=$(LARGE_DIR) nice -n 5 $(VENV)/bin/pytest -q -m slow -s tests/test_export_large.py
+
+# Export memory curve point: make export-memory SIZE=0.5b|2b|7b [LARGE_DIR=/work/big]
+SIZE ?= 0.5b
+export-memory: setup
+	nice -n 5 $(PY) scripts/export_memory.py --size $(SIZE) --dir $(LARGE_DIR)
 
 # The fuzzing suite with many more examples per property than `make test` runs (random seed each run).
 fuzz: setup

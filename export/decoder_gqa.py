@@ -455,12 +455,12 @@ def validate(path, spec: GraphSpec, reference, feeds_at, dims_list: list[dict], 
     sliding-window cache keeps the last entries only) is compared with the same last slots."""
     from vlmdeploy.runtime.runners import OrtRunner
 
-    runner, (past_names, present_names) = OrtRunner(path, spec), kv_names(num_layers)
+    runner, (past_names, present_names) = OrtRunner(path, spec, low_memory=True), kv_names(num_layers)
     worst, runs = 0.0, []
     for dims in dims_list:
         feeds = feeds_at(dims)
         seq, total = dims["seq"], dims["past"] + dims["seq"]
-        portable = {**feeds, **{n: feeds[n][:, :, : dims["past"]].copy() for n in past_names}}
+        portable = portable_feeds(num_layers, feeds, dims)
         ref = _valid_positions(portable["attention_mask"], seq, reference(portable))
         got = runner.run(feeds, out={out: feeds[inp] for inp, out in zip(past_names, present_names)})
         got_kv = [got[n][:, :, :total] for n in present_names]  # [B, H, P+S, D]
@@ -474,6 +474,12 @@ def validate(path, spec: GraphSpec, reference, feeds_at, dims_list: list[dict], 
         worst = max(worst, diff)
         runs.append({"dims": dims, "max_abs_diff": diff, "tolerance": tol})
     return {"max_abs_diff": worst, "runs": runs}
+
+
+def portable_feeds(num_layers: int, feeds: dict, dims: dict) -> dict:
+    """decoder_gqa's feeds as the portable decoder takes them: past [B,H,capacity,D] cut to [B,H,P,D]."""
+    past_names, _ = kv_names(num_layers)
+    return {**feeds, **{n: feeds[n][:, :, : dims["past"]].copy() for n in past_names}}
 
 
 def _valid_positions(mask: np.ndarray, seq: int, outputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -22,6 +23,7 @@ from vlmdeploy.runtime.spec import GraphSpec
 
 from . import decoder_gqa, onnx_export, registry
 from .components import ExportError
+from .export_plan import Machine, check_machine, export_needs
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
 from .quantize import INT8_COMPUTE, SCHEMES, add_int8_compute, quantize_graph
 from .recipes import RecipeError, find_weights, load_recipe, recipe_names
@@ -75,10 +77,11 @@ def resolve_source(model: str, dtype: str | None):
 
 
 def export_model(model: str, out: str | Path, dtype: str | None = None, opset: int = DEFAULT_OPSET, log=None,
-                 quantize: str | Sequence[str] | None = None) -> Manifest:
+                 quantize: str | Sequence[str] | None = None, machine: Machine | None = Machine()) -> Manifest:
     """`quantize`: any of "int8" | "int4" (weight-only quantization of decoder_gqa; the portable decoder
     stays float), "vision" (the image graphs compute in int8) and "prefill" (an int8-compute copy of
-    decoder_gqa for the prompt pass); export/quantize.py."""
+    decoder_gqa for the prompt pass); export/quantize.py. `machine`: where free memory and disk are read
+    before loading (None: not checked)."""
     log = log or Progress()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise RecipeError(f"--dtype {dtype!r} not one of {sorted(TORCH_DTYPES)}")
@@ -89,6 +92,7 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, opset: i
     check_export_target(Path(out))  # before minutes of work
     with resolve_source(model, dtype) as src, staging_dir(Path(out), check_export_target) as tmp:
         log(f"checkpoint {src.checkpoint} ({src.dtype}, opset {opset})")
+        _check_resources(src, Path(out), machine, log)
         manifest = _export_into(src, tmp, opset, log, scheme, int8_compute)
         manifest.write(tmp)
     log(f"done: {Path(out)}")
@@ -108,33 +112,46 @@ def _quantize_choices(quantize: str | Sequence[str] | None) -> tuple[str | None,
     return (schemes[0] if schemes else None), tuple(q for q in INT8_COMPUTE if q in given)
 
 
+def _check_resources(src: Source, out: Path, machine: Machine | None, log) -> None:
+    """Refuse before loading when the machine has less memory or disk than the measured curve says."""
+    if machine is None:
+        return
+    try:
+        needs = export_needs(str(src.checkpoint), src.dtype)
+    except (RecipeError, ValueError, KeyError, OSError) as e:  # the planner does not know every architecture
+        log(f"no export memory estimate for this checkpoint ({e}); not checked")
+        return
+    log(needs.lines()[0])
+    check_machine(needs, out, machine)
+
+
 def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None, int8_compute=()) -> Manifest:
-    family, model, files, tokenizer = _load(src, log)
+    """Memory plan: never two copies of the weights alive.
+
+        torch phase: the checkpoint loaded once (transformers memory-maps safetensors); per graph:
+                     trace + write it with external data, then record PyTorch's outputs on the
+                     validation inputs (onnx_export.Recorded); small arrays and facts read out
+        free torch:  the model and every graph module dropped (their mmapped weights unmapped)
+        ORT phase:   one graph at a time: load, compare with the recorded outputs, release
+    """
+    family, model, files, tokenizer, mapped = _load(src, log)  # mapped: the weights' file mappings
     dtype = TORCH_DTYPES[src.dtype]
     facts = family.model_facts(model, files, tokenizer, dtype)
     specs = family.graph_specs(facts, model, log)
-    modules = family.graph_modules(model)  # traced graphs; decoder_gqa is built directly as ONNX
-    validation = {}
-    for i, (name, spec) in enumerate(list(specs.items()), 1):
-        log(f"[{i}/{len(specs)}] {name}: exporting")
-        try:
-            validation[name] = _export_one(family, model, facts, name, spec, modules, tmp / f"{name}.onnx", opset)
-        except Exception as e:  # noqa: BLE001 — an optional graph never fails the export
-            if name not in OPTIONAL_GRAPHS:
-                raise
-            _drop_graph(tmp, name, specs)
-            log(f"[{i}/{len(specs)}] {name}: skipped, the export ships without it ({type(e).__name__}: {str(e)[:200]})")
-            continue
-        log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs PyTorch max abs diff {validation[name]['max_abs_diff']:.2e}")
+    recorded = _torch_phase(family, model, facts, specs, tmp, opset, log, mapped, src.checkpoint)
     if "decoder_gqa" not in specs:
         facts = dataclasses.replace(facts, pipeline={**facts.pipeline, "decoders": ["decoder"]})
+    for name, array in family.tensors(model, dtype).items():
+        np.save(tmp / facts.tensors[name], array, allow_pickle=False)
+    preprocess = family.preprocess(files, model)
+    del model
+    release_torch(log, mapped, src.checkpoint)
+    validation = _ort_phase(family, facts, specs, recorded, tmp, log)
     try:  # before the weights: the int8 prefill graph derives from fp32 decoder_gqa
         facts, computed = add_int8_compute(tmp, facts, specs, int8_compute, validation, log) if int8_compute else (facts, {})
     except ValueError as e:
         raise RecipeError(f"--quantize {' '.join(int8_compute)}: {e}") from None
-    quantization = _quantize(family, model, facts, specs, modules, tmp, quantize, validation, log) if quantize else None
-    for name, array in family.tensors(model, dtype).items():
-        np.save(tmp / facts.tensors[name], array, allow_pickle=False)
+    quantization = _quantize(facts, specs, recorded, tmp, quantize, validation, log) if quantize else None
     text_files = _write_text_files(files, tokenizer, tmp)
     all_files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     log(f"checksumming {len(all_files)} files")
@@ -142,7 +159,7 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None, 
         model=facts,
         graphs=specs,
         graph_files={n: f"{n}.onnx" for n in specs},
-        preprocess=family.preprocess(files, model),
+        preprocess=preprocess,
         tokenizer_file=text_files["tokenizer"],
         tokenizer_config_file=text_files["tokenizer_config"],
         chat_template_file=text_files.get("chat_template"),
@@ -154,6 +171,92 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None, 
     )
 
 
+def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log, mapped: list, checkpoint: Path) -> dict:
+    """Write every graph and record PyTorch's validation outputs; the graph modules die with this frame.
+    After each graph the checkpoint's pages it read are dropped (the weights are only ever read)."""
+    modules = family.graph_modules(model)  # traced graphs; decoder_gqa is built directly as ONNX
+    recorded = {}
+    for i, (name, spec) in enumerate(list(specs.items()), 1):
+        log(f"[{i}/{len(specs)}] {name}: exporting")
+        try:
+            recorded[name] = _export_one(family, model, facts, name, spec, modules, tmp / f"{name}.onnx", opset)
+        except Exception as e:  # noqa: BLE001 — an optional graph never fails the export
+            _skip_optional(tmp, name, specs, e, log)
+            continue
+        drop_mapped_pages(mapped, checkpoint)
+        log(f"[{i}/{len(specs)}] {name}: written, PyTorch reference recorded")
+    return recorded
+
+
+def _ort_phase(family, facts, specs: dict, recorded: dict, tmp: Path, log) -> dict:
+    """Each graph in ONNX Runtime against the recorded PyTorch outputs, one session at a time."""
+    validation = {}
+    for i, name in enumerate(list(specs), 1):
+        try:
+            validation[name] = _validate_one(family, facts, name, specs[name], recorded[name], tmp / f"{name}.onnx")
+        except Exception as e:  # noqa: BLE001 — an optional graph never fails the export
+            _skip_optional(tmp, name, specs, e, log)
+            continue
+        log(f"[{i}/{len(specs)}] {name}: ONNX Runtime vs {recorded[name].reference_kind}: max abs diff "
+            f"{validation[name]['max_abs_diff']:.2e}")
+    return validation
+
+
+def _skip_optional(tmp: Path, name: str, specs: dict, error: Exception, log) -> None:
+    if name not in OPTIONAL_GRAPHS:
+        raise error
+    _drop_graph(tmp, name, specs)
+    log(f"{name}: skipped, the export ships without it ({type(error).__name__}: {str(error)[:200]})")
+
+
+def release_torch(log, mapped: list, checkpoint: Path) -> None:
+    """Collect the torch model's last references (cycles) so its weights are unmapped before ONNX
+    Runtime loads a graph; logs the resident memory left."""
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed heap pages; hand them back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    drop_mapped_pages(mapped, checkpoint)
+    mem = memory_status()
+    log(f"torch model released (resident {mem.get('VmRSS', 0) / 1e9:.2f} GB, of it anonymous "
+        f"{mem.get('RssAnon', 0) / 1e9:.2f} GB; peak so far {mem.get('VmHWM', 0) / 1e9:.2f} GB)")
+
+
+MADV_DONTNEED = 4
+
+
+def checkpoint_mappings(directory: Path) -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of files under `directory` (/proc/self/maps)."""
+    maps, root = Path("/proc/self/maps"), str(Path(directory).resolve())
+    lines = maps.read_text().splitlines() if maps.exists() else []
+    return [tuple(int(x, 16) for x in parts[0].split("-")) for parts in (line.split(maxsplit=5) for line in lines)
+            if len(parts) == 6 and parts[5].startswith(root + os.sep)]
+
+
+def drop_mapped_pages(mapped: list[tuple[int, int]], checkpoint: Path) -> int:
+    """Drop the resident pages of the mappings the export's own load made (the checkpoint's
+    safetensors: torch.export keeps a reference to the traced parameters in a module global, so the
+    mapping outlives the model). Only those: another model in this process mapping the same files
+    keeps its pages. The export never writes to its weights, so a dropped page comes back from the
+    file if it is touched again. Returns the bytes advised."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    live = set(checkpoint_mappings(checkpoint))  # a range unmapped and reused since is left alone
+    dropped = 0
+    for start, end in mapped:
+        if (start, end) in live and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
+def memory_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process in bytes ({} where /proc is not there)."""
+    status = Path("/proc/self/status")
+    fields = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in lines) if k in fields}
+
+
 def _load(src: Source, log):
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -163,6 +266,7 @@ def _load(src: Source, log):
     log(f"loading {config.architectures[0]} weights")
     model_cls = family.model_class()  # family: an export/family.py LlavaStyleExport
     _check_weight_files(src.checkpoint)
+    before = set(checkpoint_mappings(src.checkpoint))
     try:
         model = model_cls.from_pretrained(src.checkpoint, dtype=getattr(torch, TORCH_DTYPES[src.dtype]),
                                           attn_implementation="sdpa")
@@ -172,7 +276,7 @@ def _load(src: Source, log):
     model.eval()
     files = read_processor_files(src.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(src.checkpoint)
-    return family, model, files, tokenizer
+    return family, model, files, tokenizer, [m for m in checkpoint_mappings(src.checkpoint) if m not in before]
 
 
 def _check_weight_files(checkpoint: Path) -> None:
@@ -187,7 +291,8 @@ def _check_weight_files(checkpoint: Path) -> None:
     raise ExportError(f"{checkpoint} has no *.safetensors weights")
 
 
-def _export_one(family, model, facts, name, spec, modules, path: Path, opset: int) -> dict:
+def _export_one(family, model, facts, name, spec, modules, path: Path, opset: int) -> onnx_export.Recorded:
+    """Write graph `name`; return PyTorch's outputs on its validation inputs."""
     if name == "decoder_gqa":
         return _build_decoder_gqa(family, model, facts, spec, modules, path)
     rng = np.random.default_rng(0)
@@ -199,9 +304,22 @@ def _export_one(family, model, facts, name, spec, modules, path: Path, opset: in
     with family.export_context(module, name):
         onnx_export.export_graph(module, spec, feeds_at(export_dims(spec)), path, opset)
     reference = family.reference(model, name, module, spec)
+    return onnx_export.Recorded.record(reference, feeds_at, family.validation_dims(name, spec), dtype=facts.dims.dtype)
+
+
+def _validate_one(family, facts, name: str, spec, recorded: onnx_export.Recorded, path: Path) -> dict:
+    replay = recorded.replay()
+    if name == "decoder_gqa":
+        return _validate_decoder_gqa(facts, spec, replay, path)
     valid = functools.partial(family.valid_positions, name)
-    return onnx_export.validate_graph(path, spec, reference, feeds_at, family.validation_dims(name, spec),
-                                      facts.dims.dtype, valid)
+    record = onnx_export.validate_graph(path, spec, replay.reference, replay.feeds_at,
+                                        [r[0] for r in recorded.runs], facts.dims.dtype, valid)
+    return {**record, **_compared(recorded, onnx_export.ATOL[facts.dims.dtype])}
+
+
+def _compared(recorded: onnx_export.Recorded, atol: float) -> dict:
+    """What the manifest says was compared (issue 14: fp16 graphs against a float32 reference)."""
+    return {"reference": recorded.reference_kind, "tolerance_rule": f"{atol:g} * max(1, max |reference|)"}
 
 
 def _drop_graph(tmp: Path, name: str, specs: dict) -> None:
@@ -210,22 +328,29 @@ def _drop_graph(tmp: Path, name: str, specs: dict) -> None:
         path.unlink()
 
 
-def _build_decoder_gqa(family, model, facts, spec, modules, path: Path, tolerance: float | None = None) -> dict:
-    """decoder_gqa is written directly as ONNX from the HF weights, then validated against the
-    portable decoder's PyTorch module driven with the same feeds."""
-    if not path.exists():
-        decoder_gqa.save(decoder_gqa.build(*family.text_parts(model), spec), path)
+def _build_decoder_gqa(family, model, facts, spec, modules, path: Path) -> onnx_export.Recorded:
+    """decoder_gqa is written directly as ONNX from the HF weights; its reference is the portable
+    decoder's PyTorch module driven with the same feeds (past cut to the portable layout)."""
+    decoder_gqa.save(decoder_gqa.build(*family.text_parts(model), spec), path)
     portable = GraphSpec("decoder", spec.inputs, spec.outputs)  # same input names and order
     rng = np.random.default_rng(0)
-    return decoder_gqa.validate(
-        path, spec, onnx_export.torch_reference(modules["decoder"], portable),
+    return onnx_export.Recorded.record(
+        onnx_export.torch_reference(modules["decoder"], portable),
         lambda dims: sample_feeds(spec, dims, facts, np.random.default_rng(rng.integers(1 << 31))),
-        validation_dims(spec), facts.dims.num_layers,
-        onnx_export.ATOL[facts.dims.dtype] if tolerance is None else tolerance,
+        validation_dims(spec), reference_inputs=functools.partial(decoder_gqa.portable_feeds, facts.dims.num_layers),
+        dtype=facts.dims.dtype,
     )
 
 
-def _quantize(family, model, facts, specs, modules, tmp: Path, scheme: str, validation: dict, log) -> dict:
+def _validate_decoder_gqa(facts, spec, replay: onnx_export.Recorded, path: Path, tolerance: float | None = None) -> dict:
+    record = decoder_gqa.validate(
+        path, spec, replay.reference, replay.feeds_at, [r[0] for r in replay.runs], facts.dims.num_layers,
+        onnx_export.ATOL[facts.dims.dtype] if tolerance is None else tolerance,
+    )
+    return {**record, **_compared(replay, onnx_export.ATOL[facts.dims.dtype])}
+
+
+def _quantize(facts, specs, recorded: dict, tmp: Path, scheme: str, validation: dict, log) -> dict:
     """Quantize decoder_gqa's weights; record (not enforce) how far its outputs moved from PyTorch."""
     if "decoder_gqa" not in specs:
         raise RecipeError("--quantize applies to decoder_gqa, which this model/dtype does not get "
@@ -233,8 +358,8 @@ def _quantize(family, model, facts, specs, modules, tmp: Path, scheme: str, vali
     log(f"quantizing decoder_gqa weights to {scheme}")
     record = quantize_graph(tmp / "decoder_gqa.onnx", scheme)
     fp32 = validation["decoder_gqa"]["max_abs_diff"]
-    validation["decoder_gqa"] = {**_build_decoder_gqa(family, model, facts, specs["decoder_gqa"], modules,
-                                                      tmp / "decoder_gqa.onnx", tolerance=float("inf")),
+    validation["decoder_gqa"] = {**_validate_decoder_gqa(facts, specs["decoder_gqa"], recorded["decoder_gqa"].replay(),
+                                                         tmp / "decoder_gqa.onnx", tolerance=float("inf")),
                                  "quantized": scheme, "fp32_max_abs_diff": fp32}
     log(f"decoder_gqa {scheme}: max abs diff vs PyTorch {validation['decoder_gqa']['max_abs_diff']:.3g} (reported, not enforced)")
     return record

@@ -7,6 +7,7 @@ inputs, and the shapes validation runs at.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,8 @@ import numpy as np
 import onnx
 import torch
 from torch.export import Dim
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from vlmdeploy.runtime.runners import OrtRunner
 from vlmdeploy.runtime.spec import GraphSpec
@@ -82,7 +85,7 @@ def validate_graph(
 ) -> dict:
     """Run the ONNX graph in ONNX Runtime and the torch reference on fresh random inputs at several
     shapes; return the record for the manifest. Raises ValueError beyond tolerance."""
-    runner = OrtRunner(path, spec)
+    runner = OrtRunner(path, spec, low_memory=True)
     worst, shapes = 0.0, []
     for dims in dims_list:
         feeds = feeds_at(dims)
@@ -98,6 +101,77 @@ def validate_graph(
         worst = max(worst, diff)
         shapes.append({"dims": dims, "max_abs_diff": diff, "tolerance": tol})
     return {"max_abs_diff": worst, "runs": shapes}
+
+
+class Recorded:
+    """Validation inputs and PyTorch's outputs, computed while the torch model is loaded, replayed
+    later to ONNX Runtime's validation (once torch is freed: the two never hold the weights at once).
+
+        record: dims -> feeds_at(dims) -> [reference_inputs(feeds, dims)] -> reference(...) -> outputs
+        replay: feeds_at(dims) and reference(inputs) return what was recorded, in the same order;
+                a call out of order (other dims, other inputs) raises instead of comparing wrong runs.
+    """
+
+    def __init__(self, runs: list[tuple[dict, dict, dict, list[np.ndarray]]], reference_kind: str):
+        self.runs = runs  # (dims, feeds, the reference's inputs, its outputs)
+        self.reference_kind = reference_kind
+        self._i = 0
+
+    @classmethod
+    def record(cls, reference, feeds_at, dims_list: list[dict], reference_inputs=lambda feeds, dims: feeds,
+               dtype: str = "float32") -> "Recorded":
+        """Run the torch reference on every validation shape now. fp16 graphs get a float32 reference
+        (the same fp16 weights, float32 arithmetic: `float32_arithmetic`): what an fp16 graph should
+        be compared against, and torch's fp16 kernels on a CPU are slow besides."""
+        runs = []
+        upcast = dtype == "float16"
+        for dims in dims_list:
+            feeds = feeds_at(dims)
+            inputs = reference_inputs(feeds, dims)
+            with float32_arithmetic() if upcast else contextlib.nullcontext():
+                outputs = [np.asarray(o) for o in reference(inputs)]
+            runs.append((dims, feeds, inputs, outputs))
+        kind = "pytorch float32 arithmetic on the float16 weights" if upcast else f"pytorch {dtype}"
+        return cls(runs, kind)
+
+    def replay(self) -> "Recorded":
+        return Recorded(self.runs, self.reference_kind)
+
+    def feeds_at(self, dims: dict) -> dict:
+        want, feeds = self.runs[self._i][0], self.runs[self._i][1]
+        if dims != want:
+            raise RuntimeError(f"validation replay: asked for dims {dims}, recorded {want}")
+        return feeds
+
+    def reference(self, inputs: dict) -> list[np.ndarray]:
+        _, _, recorded, outputs = self.runs[self._i]
+        if set(inputs) != set(recorded) or not all(np.array_equal(inputs[k], recorded[k]) for k in inputs):
+            raise RuntimeError("validation replay: the reference was asked about other inputs than recorded")
+        self._i += 1
+        return [o.copy() for o in outputs]
+
+
+class float32_arithmetic(TorchFunctionMode):
+    """Run an fp16 model's forward in float32: every float16 tensor an op receives is upcast (one
+    weight at a time; no float32 copy of the model), and float16 dtypes asked for (`.to(float16)`,
+    `dtype=model.dtype`) become float32. In-place ops keep their float16 target (upcasting it would
+    write into a temporary copy)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inplace = name.endswith("_") and not name.startswith("__") or name in ("__setitem__", "__iadd__", "__imul__")
+        first, rest = (args[:1], args[1:]) if inplace and args else ((), args)
+        rest, kwargs = tree_map(_to_float32, (rest, kwargs))
+        return func(*first, *rest, **kwargs)
+
+
+def _to_float32(x):
+    if x is torch.float16:
+        return torch.float32
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float16:
+        return x.float()
+    return x
 
 
 def torch_reference(module: torch.nn.Module, spec: GraphSpec) -> Callable[[dict], list[np.ndarray]]:

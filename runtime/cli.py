@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="int8|int4: decoder_gqa's weights (decode speed); vision: the image graphs compute in int8; "
                         "prefill: an int8-compute decoder for the prompt pass (time to first token); e.g. "
                         "--quantize int4 vision prefill")
+    e.add_argument("--skip-resource-check", action="store_true",
+                   help="export even when free memory or disk is below what `vlmdeploy plan --export` estimates")
     e.set_defaults(func=_export)
 
     t = sub.add_parser("triton-repo", help="a Triton Inference Server model repository (Python backend, streaming)")
@@ -118,14 +120,16 @@ def _export(args) -> int:
     try:
         from vlmdeploy.export.exporter import export_model
         from vlmdeploy.export.components import ExportError
+        from vlmdeploy.export.export_plan import Machine, ResourceError
         from vlmdeploy.export.recipes import RecipeError
     except ImportError as e:
         print(f"vlmdeploy export: error: the exporter needs torch and transformers ({e.name} is missing); "
               "install them with: pip install 'vlmdeploy[export]'", file=sys.stderr)
         return 2
     try:
-        export_model(args.model, args.out, dtype=args.dtype, opset=args.opset, quantize=args.quantize)
-    except (RecipeError, ExportError) as e:
+        export_model(args.model, args.out, dtype=args.dtype, opset=args.opset, quantize=args.quantize,
+                     machine=None if args.skip_resource_check else Machine())
+    except (RecipeError, ExportError, ResourceError) as e:
         print(f"vlmdeploy export: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or full disk: the previous artifact, if any, is untouched
@@ -238,6 +242,8 @@ def _add_model_tools(sub) -> None:
     pl.add_argument("--video-size", metavar="HxW", help="the video's frame size (default: the largest --image-size)")
     pl.add_argument("--json", action="store_true")
     compression_arguments(pl)
+    pl.add_argument("--export", action="store_true",
+                    help="with --model: also the peak memory and disk `vlmdeploy export` needs (measured curve)")
     pl.set_defaults(func=_plan)
 
     d = sub.add_parser("demo", help="draw a fresh shapes picture, ask the model about it, print answers and truth")
@@ -267,7 +273,20 @@ def _plan(args) -> int:
     workload = Workload(args.context, args.batch, args.images, parse_image_sizes(args.image_size), args.video_frames,
                         video_size, compression_plan(args.visual_tokens, args.compression))
     plan = plan_model(args.model, args.dtype, workload) if args.model else plan_artifact(args.dir, workload, args.dtype)
-    print(json.dumps(plan.to_dict()) if args.json else plan.table())
+    if not args.export:
+        print(json.dumps(plan.to_dict()) if args.json else plan.table())
+        return 0
+    if args.model is None:
+        raise ValueError("--export needs --model NAME_OR_DIR (the checkpoint to export), not an artifact DIR")
+    from vlmdeploy.export.export_plan import export_needs
+
+    needs = export_needs(args.model, plan.dtype)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "export": {"ram_bytes": needs.ram_bytes, "disk_bytes": needs.disk_bytes,
+                                                       "weights_bytes": needs.weights_bytes,
+                                                       "largest_graph_bytes": needs.largest_graph_bytes}}))
+    else:
+        print("\n".join([plan.table(), "", *needs.lines()]))
     return 0
 
 

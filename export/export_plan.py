@@ -1,0 +1,98 @@
+"""What `vlmdeploy export` needs, known before anything is loaded: peak memory and disk, from the
+measured curve (docs/PERFORMANCE.md "Export memory"), and the early refusal when the machine has less.
+
+    needs = export_needs("/data/llava-1.5-7b", "fp16")   # sizes from config.json (export/plan.py)
+    check_machine(needs, out_dir)                         # ExportError naming what is short, and by how much
+
+The memory model follows the exporter's plan (export/exporter.py `_export_into`): the weights are
+memory-mapped, each graph is written and its PyTorch reference recorded, torch is freed, then ONNX
+Runtime validates one graph at a time. What is resident at the peak is the largest graph's weights
+(the decoder: LLM weights) plus a fixed part (torch, transformers, ONNX Runtime, the vision graph's
+validation). Torch-free: it runs in `vlmdeploy plan`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+GB = 1e9
+# Fitted on the measured curve (scripts/export_memory.py, fp16, validation on; docs/PERFORMANCE.md):
+# peak RSS = FIXED + PER_GRAPH_BYTE x (weights of the largest graph). Measured (weights -> peak):
+# 1.05 GB -> 2.15 GB, 3.76 -> 4.22, 14.13 (LLaVA-1.5-7B) -> 14.87; this model says 2.18, 4.74, 15.08.
+FIXED_BYTES = int(1.6 * GB)
+PER_GRAPH_BYTE = 1.0
+DISK_MARGIN = 1.02  # graph files hold the weights plus graph protos and padding to 64 KiB per tensor
+
+
+class ResourceError(RuntimeError):
+    """The machine has less free memory or disk than the export needs."""
+
+
+@dataclass(frozen=True)
+class ExportNeeds:
+    source: str
+    dtype: str
+    weights_bytes: int  # every weight the artifact keeps
+    largest_graph_bytes: int
+    ram_bytes: int
+    disk_bytes: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"export ({self.dtype}): peak memory ~{self.ram_bytes / GB:.1f} GB (fixed {FIXED_BYTES / GB:.1f} GB + "
+            f"the largest graph's weights {self.largest_graph_bytes / GB:.1f} GB), disk {self.disk_bytes / GB:.1f} GB "
+            f"for {self.weights_bytes / GB:.1f} GB of weights",
+        ]
+
+
+def export_needs(model: str, dtype: str) -> ExportNeeds:
+    """From a recipe name or checkpoint directory (config.json only; no weights are read)."""
+    from .plan import plan_model
+
+    plan = plan_model(model, dtype)
+    graphs = [plan.get(c).nbytes for c in ("LLM weights", "vision encoder", "projector")]
+    largest = max(graphs)
+    return ExportNeeds(plan.source, dtype, sum(graphs), largest, FIXED_BYTES + int(PER_GRAPH_BYTE * largest),
+                       int(sum(graphs) * DISK_MARGIN) + 64 * 1024 * 1024)
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise ResourceError("no MemAvailable in /proc/meminfo")
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the file system that will hold `path` (its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where free memory and disk are read from; tests give fixed numbers."""
+
+    ram: Callable[[], int] = field(default=available_ram)
+    disk: Callable[[Path], int] = field(default=free_disk)
+
+
+def check_machine(needs: ExportNeeds, out: Path, machine: Machine = Machine()) -> None:
+    """Raise ResourceError naming what is short; the export has loaded nothing yet."""
+    ram, disk = machine.ram(), machine.disk(out)
+    short = []
+    if ram < needs.ram_bytes:
+        short.append(f"memory: it needs ~{needs.ram_bytes / GB:.1f} GB at its peak, {ram / GB:.1f} GB is available")
+    if disk < needs.disk_bytes:
+        short.append(f"disk: the artifact needs ~{needs.disk_bytes / GB:.1f} GB, {disk / GB:.1f} GB is free where "
+                     f"{out} goes")
+    if short:
+        raise ResourceError(f"this machine cannot hold an export of {needs.source} ({needs.dtype}): " + "; ".join(short)
+                            + ". Free memory or disk, write --out elsewhere, or pass --skip-resource-check to try anyway "
+                            "(`vlmdeploy plan --export --model ...` shows the estimate)")
