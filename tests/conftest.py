@@ -119,6 +119,23 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
+def preprocess_photos(wide: tuple[int, int] = (1000, 60), tall: tuple[int, int] = (90, 1200)) -> dict[str, Image.Image]:
+    """The photos the *_preprocess.py files compare with HF's processors: odd, square, portrait, tiny and
+    extreme-aspect sizes (`wide` / `tall` as (width, height))."""
+    import skimage.data
+
+    chelsea, coffee = Image.fromarray(skimage.data.chelsea()), Image.fromarray(skimage.data.coffee())
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    return {
+        "chelsea": chelsea,  # 451x300: odd width
+        "astronaut": astronaut,  # 512x512
+        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
+        "tiny": chelsea.resize((20, 13)),
+        "wide": astronaut.resize(wide),
+        "tall": coffee.resize(tall),
+    }
+
+
 def photo(name: str = "chelsea", size: tuple[int, int] | None = None) -> Image.Image:
     import skimage.data
 

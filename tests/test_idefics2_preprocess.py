@@ -35,20 +35,9 @@ from transformers.models.idefics2.modeling_idefics2 import (  # noqa: E402
 )
 
 
-def _photos():
-    chelsea, coffee = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
-    astronaut = Image.fromarray(skdata.astronaut())
-    return {
-        "chelsea": chelsea,  # 451x300: odd width, quarters differ
-        "astronaut": astronaut,  # 512x512
-        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
-        "tiny": chelsea.resize((20, 13)),
-        "wide": astronaut.resize((1000, 61)),
-        "tall": coffee.resize((91, 1200)),
-    }
+from conftest import preprocess_photos  # noqa: E402
 
-
-PHOTOS = _photos()
+PHOTOS = preprocess_photos(wide=(1000, 61), tall=(91, 1200))
 TINY = {"size": {"shortest_edge": 14, "longest_edge": 42}, "do_image_splitting": True}
 CONFIGS = {
     "default": {},  # 378..980, BILINEAR, no splitting

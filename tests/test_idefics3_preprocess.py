@@ -37,20 +37,9 @@ from transformers import (  # noqa: E402
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Model  # noqa: E402
 
 
-def _photos():
-    chelsea, coffee = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
-    astronaut = Image.fromarray(skdata.astronaut())
-    return {
-        "chelsea": chelsea,  # 451x300
-        "astronaut": astronaut,  # 512x512
-        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
-        "tiny": chelsea.resize((20, 13)),
-        "wide": astronaut.resize((1000, 60)),
-        "tall": coffee.resize((90, 1200)),
-    }
+from conftest import preprocess_photos  # noqa: E402
 
-
-PHOTOS = _photos()
+PHOTOS = preprocess_photos()
 TINY = {"size": {"longest_edge": 84}, "max_image_size": {"longest_edge": 28}}  # up to 3x3 tiles of 28
 CONFIGS = {
     "default": {},  # 1456 longest edge, 364-pixel tiles, LANCZOS

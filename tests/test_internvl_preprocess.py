@@ -37,20 +37,9 @@ from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLProce
 from transformers.models.got_ocr2 import image_processing_pil_got_ocr2 as hf_got  # noqa: E402
 
 
-def _photos():
-    chelsea, coffee = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
-    astronaut = Image.fromarray(skdata.astronaut())
-    return {
-        "chelsea": chelsea,  # 451x300
-        "astronaut": astronaut,  # 512x512
-        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
-        "tiny": chelsea.resize((20, 13)),
-        "wide": astronaut.resize((1000, 60)),
-        "tall": coffee.resize((90, 1200)),
-    }
+from conftest import preprocess_photos  # noqa: E402
 
-
-PHOTOS = _photos()
+PHOTOS = preprocess_photos()
 TINY = {"size": {"height": 28, "width": 28}}  # 28-pixel tiles
 CONFIGS = {
     "default": {},  # 384-pixel tiles, 1..12

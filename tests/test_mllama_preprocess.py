@@ -28,20 +28,9 @@ from transformers import MllamaImageProcessorPil, MllamaProcessor  # noqa: E402
 from transformers.models.mllama import image_processing_pil_mllama as hf_mod  # noqa: E402
 
 
-def _photos():
-    chelsea, coffee = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
-    astronaut = Image.fromarray(skdata.astronaut())
-    return {
-        "chelsea": chelsea,  # 451x300
-        "astronaut": astronaut,  # 512x512
-        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
-        "tiny": chelsea.resize((20, 13)),
-        "wide": astronaut.resize((1000, 61)),
-        "tall": coffee.resize((91, 1200)),
-    }
+from conftest import preprocess_photos  # noqa: E402
 
-
-PHOTOS = _photos()
+PHOTOS = preprocess_photos(wide=(1000, 61), tall=(91, 1200))
 CONFIGS = {
     "default": {},  # 224 tiles, 4 at most, BILINEAR
     "tiny": {"size": {"height": 28, "width": 28}, "max_image_tiles": 4},

@@ -39,20 +39,9 @@ from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcesso
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel  # noqa: E402
 
 
-def _photos():
-    chelsea, coffee = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
-    astronaut = Image.fromarray(skdata.astronaut())
-    return {
-        "chelsea": chelsea,  # 451x300
-        "astronaut": astronaut,  # 512x512
-        "portrait": coffee.transpose(Image.Transpose.TRANSPOSE),  # 400x600
-        "tiny": chelsea.resize((20, 13)),
-        "wide": astronaut.resize((1000, 60)),
-        "tall": coffee.resize((90, 1200)),
-    }
+from conftest import preprocess_photos  # noqa: E402
 
-
-PHOTOS = _photos()
+PHOTOS = preprocess_photos()
 # A tiny OneVision geometry: 28-pixel tiles of 14-pixel patches (2x2 tokens), up to 3x3 tiles.
 TINY = {"size": {"height": 28, "width": 28},
         "image_grid_pinpoints": [[28 * i, 28 * j] for i in (1, 2, 3) for j in (1, 2, 3)]}
