@@ -208,7 +208,7 @@ def test_ort_gpu_backends_say_what_to_install(tiny, backend, provider):
 
 def test_unknown_backend_lists_the_known_ones(tiny):
     spec = load_manifest(tiny.artifact).graphs["vision"]
-    with pytest.raises(ValueError, match="unknown backend 'cuda'; available: ort-cpu, ort-cuda, ort-trt, trt, auto"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; available: ort-cpu, ort-cpu-mapped, ort-cuda, ort-trt, trt, auto"):
         make_runner("cuda", tiny.artifact / "vision.onnx", spec)
 
 
