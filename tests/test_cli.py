@@ -332,3 +332,11 @@ def test_runtime_never_imports_torch(tiny, image):
     d = json.loads(p.stdout.strip().splitlines()[-1])
     assert d["n"] == 5
     assert d["loaded"] == []
+
+
+def test_check_with_the_mapped_backend(tiny, capsys):
+    """`check --backend ort-cpu-mapped`: every graph run by the low-memory session a 7B fp16 artifact needs."""
+    rc, out, err = _cli(capsys, "check", tiny.artifact, "--backend", "ort-cpu-mapped")
+    assert rc == 0, out + err
+    for graph in ("vision", "projector", "embed", "decoder", "decoder_gqa"):
+        assert any(line.strip().startswith(f"ok    {graph}: ran on ort-cpu-mapped") for line in out.splitlines()), out
