@@ -12,7 +12,6 @@ graph); decoder_gqa declines OPT with its one-line reason.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
@@ -102,9 +101,6 @@ class Blip2Export(LlavaStyleExport):
     def decoder_module(self, model) -> nn.Module:
         lm = model.language_model
         return c.DecoderGraph(lm.model, lm.lm_head, model.config.get_text_config()).eval()
-
-    def export_context(self, module: nn.Module, graph: str):
-        return contextlib.nullcontext()
 
     def reference_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         return model.vision_model(pixel_values=pixel_values).last_hidden_state

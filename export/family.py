@@ -122,17 +122,17 @@ class LlavaStyleExport:
         }
 
     def decoder_module(self, model) -> nn.Module:
-        return c.DecoderGraph(model.model.language_model, model.lm_head, model.config.get_text_config()).eval()
+        return c.DecoderGraph(*self.text_parts(model)).eval()
 
     def text_parts(self, model):
         """(base text model, lm_head, text config): what decoder_gqa is built from."""
         return model.model.language_model, model.lm_head, model.config.get_text_config()
 
     def export_context(self, module: nn.Module, graph: str):
-        """The vision graph is traced with the tower cut after its last feature layer."""
+        """A vision graph that can cut its tower after the last feature layer (c.VisionGraph) is traced cut."""
         import contextlib
 
-        return module.truncated() if graph == "vision" else contextlib.nullcontext()
+        return module.truncated() if graph == "vision" and hasattr(module, "truncated") else contextlib.nullcontext()
 
     def reference_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         """What HF feeds the projector, from the full (untruncated) tower: the vision graph's oracle."""

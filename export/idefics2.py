@@ -10,7 +10,6 @@ into a fixed number of latents.
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
@@ -117,14 +116,8 @@ class Idefics2Export(LlavaStyleExport):
             "decoder": self.decoder_module(model),
         }
 
-    def decoder_module(self, model) -> nn.Module:
-        return c.DecoderGraph(model.model.text_model, model.lm_head, model.config.get_text_config()).eval()
-
     def text_parts(self, model):
         return model.model.text_model, model.lm_head, model.config.get_text_config()
-
-    def export_context(self, module: nn.Module, graph: str):
-        return contextlib.nullcontext()
 
     def sample_feeds(self, name: str, spec: GraphSpec, dims: dict, facts, rng) -> dict:
         """Images padded to different extents: each row's patch mask and positions as the host computes them."""

@@ -9,7 +9,6 @@ image splitting into tiles + a global image, pixel-shuffle connector.
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
@@ -107,14 +106,8 @@ class Idefics3Export(LlavaStyleExport):
             "decoder": self.decoder_module(model),
         }
 
-    def decoder_module(self, model) -> nn.Module:
-        return c.DecoderGraph(model.model.text_model, model.lm_head, model.config.get_text_config()).eval()
-
     def text_parts(self, model):
         return model.model.text_model, model.lm_head, model.config.get_text_config()
-
-    def export_context(self, module: nn.Module, graph: str):
-        return contextlib.nullcontext()
 
     def sample_feeds(self, name: str, spec: GraphSpec, dims: dict, facts, rng) -> dict:
         """The vision graph's positions: a whole tile's, as the runtime feeds them."""

@@ -8,7 +8,6 @@ shuffle + MLP.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
@@ -105,9 +104,6 @@ class InternVLExport(LlavaStyleExport):
             "embed": c.EmbedGraph(model.get_input_embeddings()).eval(),
             "decoder": self.decoder_module(model),
         }
-
-    def export_context(self, module: nn.Module, graph: str):
-        return contextlib.nullcontext()
 
     def reference_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = model.config

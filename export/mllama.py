@@ -18,7 +18,6 @@ would say the same but ONNX Reshape reads a computed 0 as "copy this axis".)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -228,9 +227,6 @@ class MllamaExport(LlavaStyleExport):
 
     def text_parts(self, model):
         return model.model.language_model, model.lm_head, model.config.get_text_config()
-
-    def export_context(self, module: nn.Module, graph: str):
-        return contextlib.nullcontext()
 
     def reference(self, model, graph: str, module: nn.Module, spec: GraphSpec):
         """cross_kv: what HF's own cross-attention layers put in their cache; the others: their modules."""
