@@ -148,3 +148,37 @@ def test_export_quantize_kinds_refused(tiny, tmp_path, capsys, kinds, error):
     with pytest.raises(SystemExit) if kinds == ["fp8"] else contextlib.nullcontext():
         assert main(["export", "--model", str(tiny.checkpoint), "--out", str(tmp_path / "e"), "--quantize", *kinds]) == 2
     assert error in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+# One tiny model per family (conftest): `quantize --vision --prefill` must work for each. Families whose
+# decoder_gqa declines (BLIP-2's OPT, mllama's cross-attention) take --vision only.
+INT8_FAMILIES = {"llava_next-llama-clip": True, "qwen2_vl": True, "llava_onevision": True, "internvl": True,
+                 "idefics3": True, "idefics2": True, "blip2": False, "mllama": False}
+
+
+@pytest.mark.parametrize("name", sorted(INT8_FAMILIES))
+def test_int8_compute_every_family(exported_factory, name, tmp_path):
+    """Every family's image chain computes in int8 with outputs near fp32 (cosine recorded per graph), its
+    prompt pass runs decoder_gqa_int8 where it has decoder_gqa, and the artifact passes check and generates."""
+    from vlmdeploy.runtime.check import check_artifact
+
+    exp = exported_factory(name)
+    out, prefill = tmp_path / "int8c", INT8_FAMILIES[name]
+    assert main(["quantize", str(exp.artifact), "--out", str(out), "--vision", *(["--prefill"] if prefill else [])]) == 0
+    vlm = VLM.load(out)
+    graphs = vlm.manifest.source["int8_compute"]["vision"]["graphs"]
+    assert graphs and all(b"MatMulInteger" in (out / f"{g}.onnx").read_bytes() for g in graphs)
+    for g in graphs:
+        assert vlm.manifest.validation[f"{g}_int8"]["cosine"] > 0.98, (g, vlm.manifest.validation[f"{g}_int8"])
+    assert vlm.prefill_graph == ("decoder_gqa_int8" if prefill else None)
+    if prefill:
+        assert vlm.manifest.validation["decoder_gqa_int8"]["cosine"] > 0.98
+    report = check_artifact(out)
+    assert report.passed, report.failed
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo("coffee")},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    if name == "blip2":  # no chat template: its queries go before BOS, the prompt is plain text
+        got = vlm.generate("Question: what is in the picture? Answer:", [photo("coffee")], max_new_tokens=4, ignore_eos=True)
+    else:
+        got = vlm.chat(messages, max_new_tokens=4, ignore_eos=True)
+    assert len(got.token_ids) == 4
