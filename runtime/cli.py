@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="model name (default: the artifact folder's name)")
     t.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
     t.add_argument("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores)")
+    compression_arguments(t)  # what every instance passes to VLM.load
     t.set_defaults(func=_triton_repo)
 
     q = sub.add_parser("quantize", help="a copy of an artifact with int8/int4 weights and/or int8-compute graphs (no re-export)")
@@ -145,7 +146,8 @@ def _export(args) -> int:
 def _triton_repo(args) -> int:
     from vlmdeploy.serve.triton import write_repository
 
-    model = write_repository(Path(args.dir), Path(args.out), args.name, args.instances, args.threads)
+    model = write_repository(Path(args.dir), Path(args.out), args.name, args.instances, args.threads,
+                             args.visual_tokens, args.compression)
     print(f"wrote {model} (config.pbtxt, 1/model.py, 1/artifact); serve it with "
           f"tritonserver --model-repository {Path(args.out)}")
     return 0

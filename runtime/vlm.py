@@ -52,15 +52,7 @@ class VLM:
                  int8_prefill: bool = True, compression: Compression | None = None):
         self.directory, self.manifest, self.backend, self.threads = directory, manifest, backend, threads
         self.facts = manifest.model
-        tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in self.facts.tensors.items()}
-        family = family_class(self.facts.family)
-        try:
-            self.family = family(self.facts, manifest.preprocess, tensors)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{directory}: the {self.facts.family} family cannot use this manifest's "
-                                f"preprocess/tensors ({e}); re-run `vlmdeploy export`") from None
-        scored = SCORES in manifest.graphs[self.facts.pipeline["image"][0]].output_names
-        self.family.compression = self.family.check_compression(compression, scored)  # ValueError: what it allows
+        self.family = load_family(directory, manifest, compression)
         self.text = TextProcessor.from_files(
             directory / manifest.tokenizer_file, directory / manifest.tokenizer_config_file
         )
@@ -300,6 +292,22 @@ class VLM:
             if given:
                 embeds[slots] = np.concatenate(mine)
         return embeds
+
+
+def load_family(directory: Path, manifest: Manifest, compression: Compression | None = None):
+    """The artifact's family (its preprocessing and prompt rules), set up for `compression`; no graph is
+    loaded. ArtifactError if the manifest does not fit the family, ValueError (what it allows) if the
+    family cannot apply `compression`."""
+    facts = manifest.model
+    tensors = {n: np.load(directory / f, allow_pickle=False) for n, f in facts.tensors.items()}
+    try:
+        family = family_class(facts.family)(facts, manifest.preprocess, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{directory}: the {facts.family} family cannot use this manifest's "
+                            f"preprocess/tensors ({e}); re-run `vlmdeploy export`") from None
+    scored = SCORES in manifest.graphs[facts.pipeline["image"][0]].output_names
+    family.compression = family.check_compression(compression, scored)
+    return family
 
 
 def compression_plan(visual_tokens: int | float | None, method: str = "pool") -> Compression | None:

@@ -26,13 +26,17 @@ SAMPLING_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "
 
 class TritonPythonModel:
     def initialize(self, args):
+        from vlmdeploy.runtime.compress import parse_visual_tokens
         from vlmdeploy.runtime.vlm import VLM
 
         config = json.loads(args["model_config"])
         artifact = config["parameters"]["artifact"]["string_value"]
-        threads = config["parameters"].get("threads", {}).get("string_value")
+        threads, visual_tokens, compression = (config["parameters"].get(key, {}).get("string_value")
+                                               for key in ("threads", "visual_tokens", "compression"))
         directory = Path(args["model_repository"]) / args["model_version"] / artifact
-        self.vlm = VLM.load(directory, threads=int(threads) if threads else None)
+        self.vlm = VLM.load(directory, threads=int(threads) if threads else None,
+                            visual_tokens=parse_visual_tokens(visual_tokens) if visual_tokens else None,
+                            compression=compression or "pool")
 
     def execute(self, requests):
         for request in requests:

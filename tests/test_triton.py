@@ -100,29 +100,66 @@ def test_repository_config_and_model_py(shapes_dir, tmp_path, monkeypatch, capsy
     assert config.parameters["artifact"].string_value == "artifact"
     assert (repo / "shapes" / "1" / "artifact" / "manifest.json").is_file()
 
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", StandIn())
-    spec = importlib.util.spec_from_file_location("triton_model", repo / "shapes" / "1" / "model.py")
-    model_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model_py)
-    model = model_py.TritonPythonModel()
-    model_config = json.loads(json.dumps({"parameters": {k: {"string_value": v.string_value}
-                                                         for k, v in config.parameters.items()}}))
-    model.initialize({"model_config": json.dumps(model_config), "model_repository": str(repo / "shapes"),
-                      "model_version": "1"})
-
+    model = initialized_model(repo / "shapes", config, monkeypatch)
     image = photo("coffee", (84, 84))
-    question = "What shape is the red one?"
-    messages = [{"role": "user", "content": [{"type": "text", "text": question},
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION},
                                              {"type": "image_url", "image_url": {"url": _png_url(image)}}]}]
     good = Request(messages=json.dumps(messages), sampling=json.dumps({"max_tokens": 12}))
     bad = Request(messages=json.dumps(messages), sampling=json.dumps({"beams": 3}))
     assert model.execute([good, bad]) is None  # decoupled: responses go through the senders
-    *pieces, (last, flags) = good.sent
-    assert flags == StandIn.TRITONSERVER_RESPONSE_COMPLETE_FINAL and all(f == 0 for _, f in pieces)
-    text = "".join(r.outputs["text"][0].decode() for r, _ in pieces)
-    local = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image", "image": image}]}]
-    want = VLM.load(shapes_dir).chat(local, max_new_tokens=12)
-    assert text and text == want.text and last.outputs["finish_reason"][0].decode() == want.finish_reason
+    text, finish_reason = streamed(good)
+    want = VLM.load(shapes_dir).chat(local_messages(image), max_new_tokens=12)
+    assert text and text == want.text and finish_reason == want.finish_reason
     (error, flags), = bad.sent
     assert flags == StandIn.TRITONSERVER_RESPONSE_COMPLETE_FINAL and "beams" in error.error.message
     model.finalize()
+
+
+QUESTION = "What shape is the red one?"
+
+
+def local_messages(image):
+    return [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image", "image": image}]}]
+
+
+def initialized_model(model_dir, config, monkeypatch):
+    """model.py of a written repository, loaded and initialized as Triton's Python backend does."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", StandIn())
+    spec = importlib.util.spec_from_file_location("triton_model", model_dir / "1" / "model.py")
+    model_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_py)
+    model = model_py.TritonPythonModel()
+    model_config = {"parameters": {k: {"string_value": v.string_value} for k, v in config.parameters.items()}}
+    model.initialize({"model_config": json.dumps(model_config), "model_repository": str(model_dir),
+                      "model_version": "1"})
+    return model
+
+
+def streamed(request) -> tuple[str, str]:
+    """The text a request's responses stream, and the finish reason of its last (final) response."""
+    *pieces, (last, flags) = request.sent
+    assert flags == StandIn.TRITONSERVER_RESPONSE_COMPLETE_FINAL and all(f == 0 for _, f in pieces)
+    return "".join(r.outputs["text"][0].decode() for r, _ in pieces), last.outputs["finish_reason"][0].decode()
+
+
+def test_repository_with_visual_token_compression(shapes_dir, tmp_path, monkeypatch, capsys):
+    """`--visual-tokens 4 --compression pool`: every instance loads with it (the 3x3 grid pooled to 2x2),
+    and answers as VLM.load with the same setting; a setting the family cannot apply fails at write time."""
+    from google.protobuf import text_format
+
+    repo = tmp_path / "models"
+    assert main(["triton-repo", str(shapes_dir), str(repo), "--name", "s", "--visual-tokens", "4"]) == 0
+    config = text_format.Parse((repo / "s" / "config.pbtxt").read_text(), triton_schema().ModelConfig())
+    assert (config.parameters["visual_tokens"].string_value, config.parameters["compression"].string_value) == ("4", "pool")
+    model = initialized_model(repo / "s", config, monkeypatch)
+    image = photo("chelsea", (84, 84))
+    request = Request(messages=json.dumps([{"role": "user", "content": [
+        {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": _png_url(image)}}]}]),
+        sampling=json.dumps({"max_tokens": 12}))
+    model.execute([request])
+    want = VLM.load(shapes_dir, visual_tokens=4).chat(local_messages(image), max_new_tokens=12)
+    assert model.vlm.family.compression.keep == 4 and streamed(request) == (want.text, want.finish_reason)
+
+    capsys.readouterr()
+    assert main(["triton-repo", str(shapes_dir), str(tmp_path / "too-many"), "--visual-tokens", "10"]) == 2
+    assert "10" in capsys.readouterr().err and not (tmp_path / "too-many").exists()
