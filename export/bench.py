@@ -30,10 +30,11 @@ PROMPT = "USER: <image>\nDescribe the picture. ASSISTANT:"
 
 
 class OursWorker:
-    def __init__(self, artifact: str, decoder: str):
+    def __init__(self, artifact: str, options: str):
+        """`options`: JSON of VLM.load's keyword arguments (decoder, visual_tokens, compression)."""
         from vlmdeploy.runtime.vlm import VLM
 
-        self.vlm = VLM.load(artifact, decoder=decoder, verify=False, threads=_threads())
+        self.vlm = VLM.load(artifact, verify=False, threads=_threads(), **json.loads(options))
 
     def ttft(self, image_seed: int) -> float:
         t0 = time.perf_counter()
@@ -173,6 +174,7 @@ class Runner:
     proc: subprocess.Popen
     load_s: float
     weight_bytes: int | None  # decoder weights read per decode step
+    ttft_only: bool = False  # a compression setting: only time to first token differs from its artifact's runner
 
     def call(self, op: str, *args):
         self.proc.stdin.write(json.dumps({"op": op, "args": list(args)}) + "\n")
@@ -187,13 +189,14 @@ class Runner:
         self.proc.wait(timeout=60)
 
 
-def start(name: str, kind: str, arg: str, extra: str | None = None, weight_bytes: int | None = None) -> Runner:
+def start(name: str, kind: str, arg: str, extra: str | None = None, weight_bytes: int | None = None,
+          ttft_only: bool = False) -> Runner:
     cmd = [sys.executable, "-m", "vlmdeploy.export.bench", "--worker", kind, arg] + ([extra] if extra else [])
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     first = proc.stdout.readline()
     if not first:
         raise RuntimeError(f"bench worker {name} failed to start: {' '.join(cmd)}")
-    return Runner(name, proc, json.loads(first)["load_s"], weight_bytes)
+    return Runner(name, proc, json.loads(first)["load_s"], weight_bytes, ttft_only)
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -316,11 +319,14 @@ def measure(runners: list[Runner], plan: Plan, vocab: int, log) -> dict[str, dic
     log("warm-up (not recorded): first calls allocate and touch every weight")
     for r in runners:
         r.call("ttft", 99)
-        r.call("decode", token_ids(vocab, plan.contexts[0], 1, 99), 4)
+        if not r.ttft_only:
+            r.call("decode", token_ids(vocab, plan.contexts[0], 1, 99), 4)
     for run in range(plan.runs):
         log(f"run {run + 1}/{plan.runs}")
         for metric, call in _metrics(plan, vocab, seed=run):
             for r in runners:
+                if r.ttft_only and metric != "ttft_s":
+                    continue
                 value = call(r)
                 if value is not None:
                     results[r.name].setdefault(metric, []).append(value)
@@ -421,17 +427,21 @@ def run_bench(args, log) -> dict:
     vocab = json.loads((paths["fp32"] / "manifest.json").read_text())["model"]["dims"]["vocab"]
     bandwidth = read_bandwidth(args.bandwidth_gib)
     log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    specs = [("vlmdeploy fp32", "ours", str(paths["fp32"]), "decoder_gqa", weight_bytes(paths["fp32"], "decoder_gqa"))]
-    specs += [(f"vlmdeploy {q}", "ours", str(paths[q]), "decoder_gqa", weight_bytes(paths[q], "decoder_gqa")) for q in args.quantize]
-    specs += [("vlmdeploy fp32 portable", "ours", str(paths["fp32"]), "decoder", weight_bytes(paths["fp32"], "decoder"))]
+    gqa, portable = json.dumps({"decoder": "decoder_gqa"}), json.dumps({"decoder": "decoder"})
+    specs = [("vlmdeploy fp32", "ours", str(paths["fp32"]), gqa, weight_bytes(paths["fp32"], "decoder_gqa"))]
+    specs += [(f"vlmdeploy {q}", "ours", str(paths[q]), gqa, weight_bytes(paths[q], "decoder_gqa")) for q in args.quantize]
+    specs += [("vlmdeploy fp32 portable", "ours", str(paths["fp32"]), portable, weight_bytes(paths["fp32"], "decoder"))]
     specs += [("hf eager fp32", "hf", str(paths["checkpoint"]), None, None)]
     if "genai" in paths:
         specs += [("onnxruntime-genai fp32", "genai", str(paths["genai"]), None, weight_bytes(paths["genai"], "model"))]
+    compressed = compression_specs(paths, args)
+    specs += [(name, kind, arg, extra, None) for name, kind, arg, extra, _ in compressed]
+    ttft_only = {name for name, *_ in compressed}
     runners = []
     try:
         for name, kind, arg, extra, wbytes in specs:
             log(f"starting {name}")
-            runners.append(start(name, kind, arg, extra, wbytes))
+            runners.append(start(name, kind, arg, extra, wbytes, ttft_only=name in ttft_only))
         results = measure(runners, plan, vocab, log)
         agree = {f"{r.name} vs fp32": agreement(r, runners[0], vocab, plan) for r in runners[1:1 + len(args.quantize)]}
     finally:
@@ -448,11 +458,29 @@ def run_bench(args, log) -> dict:
                    **{f"decode {q}/fp32": table[f"vlmdeploy {q}"][f"tok_s@{plan.contexts[0]}"]["median"]
                       / table["vlmdeploy fp32"][f"tok_s@{plan.contexts[0]}"]["median"] for q in args.quantize},
                    **{f"ttft {q}/hf": table[f"vlmdeploy {q}"]["ttft_s"]["median"] / table["hf eager fp32"]["ttft_s"]["median"]
-                      for q in args.quantize}},
+                      for q in args.quantize},
+                   **{f"ttft {name.removeprefix('vlmdeploy ')}/{base}": table[name]["ttft_s"]["median"]
+                      / table[f"vlmdeploy {base}"]["ttft_s"]["median"] for name, *_, base in compressed},
+                   **{f"ttft {name.removeprefix('vlmdeploy ')}/hf": table[name]["ttft_s"]["median"]
+                      / table["hf eager fp32"]["ttft_s"]["median"] for name, *_ in compressed}},
         "greedy_agreement": agree,
         "floor_ms": {k: v * 1e3 for k, v in floor.items() if v},
     }
     return report
+
+
+def compression_specs(paths: dict, args) -> list[tuple[str, str, str, str, str]]:
+    """Time-to-first-token runners for `--visual-tokens` settings, on the fp32 export and on the
+    int8-compute one when measured: (name, kind, artifact, VLM.load options, the variant it compresses)."""
+    from vlmdeploy.runtime.compress import parse_visual_tokens
+
+    bases = ["fp32", *(["int8-compute"] if "int8-compute" in args.quantize else [])]
+    specs = []
+    for setting in map(parse_visual_tokens, args.visual_tokens):  # ValueError: what is allowed
+        label = f"{args.compression} {setting}" if isinstance(setting, int) else f"{args.compression} {setting:.4g}"
+        options = {"decoder": "decoder_gqa", "visual_tokens": setting, "compression": args.compression}
+        specs += [(f"vlmdeploy {base} {label}", "ours", str(paths[base]), json.dumps(options), base) for base in bases]
+    return specs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -465,6 +493,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                    help="variants of the fp32 export to measure beside it: int8/int4 decoder weights; int8-compute: "
                         "the image graphs and the prompt pass in int8 (vlmdeploy quantize --vision --prefill)")
+    p.add_argument("--visual-tokens", nargs="*", default=["0.25"], metavar="K",
+                   help="visual-token compression settings to time (time to first token) on fp32 and int8-compute: "
+                        "tokens per image or a fraction (default: 0.25; none: --visual-tokens with no value)")
+    p.add_argument("--compression", choices=["pool", "topk", "merge"], default="pool",
+                   help="method for --visual-tokens (runtime/compress.py)")
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--threads", type=int, help="threads for every side (ONNX Runtime, torch, onnxruntime-genai); "
