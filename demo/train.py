@@ -99,6 +99,14 @@ PRESETS = {
     # (the first stage alone: ~60% held-out, captions and kinds lowest: the language model needs more steps)
     "shapes-hd-stage2": TrainConfig(image_size=168, patch_size=14, init_from="models/shapes-hd", first_example=1300 * 16,
                                     steps=700, batch=16, lr=1e-3, warmup=20),
+    # Stages 1-2 gave 67.8% held-out: a linear probe on the visual tokens named a cell's shape kind 70% of
+    # the time (non-empty cells, 200 pictures): the tower, not the language model, was the bottleneck.
+    # Stage 3: the tower alone on the CellProbe again (0.34 s a step; 400 steps took the probe to 81%),
+    # stage 4: everything, so the language model reads the sharper tokens.
+    "shapes-hd-stage3": TrainConfig(image_size=168, patch_size=14, init_from="models/shapes-hd", first_example=40000,
+                                    steps=3000, probe_only_steps=3000, batch=16, lr=2e-3, warmup=50),
+    "shapes-hd-stage4": TrainConfig(image_size=168, patch_size=14, init_from="models/shapes-hd",
+                                    first_example=40000 + 3000 * 16, steps=1500, batch=16, lr=1e-3, warmup=50),
 }
 
 
