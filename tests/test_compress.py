@@ -283,3 +283,15 @@ def test_server_prompts_hold_the_kept_count(tiny_llava):
         assert server.load_error is None
         counts.append(server.builder.chat(messages).prompt_tokens)
     assert counts[1] - counts[0] == 12
+
+
+def test_qwen2_vl_plan_counts_compressed_video_as_the_runtime(exported_factory):
+    """The planner's video row under --visual-tokens: every temporal step's pooled grid, as the runtime."""
+    from vlmdeploy.export import plan
+
+    vlm = VLM.load(exported_factory("qwen2_vl").artifact, visual_tokens=0.25)
+    frames = np.zeros((4, 112, 168, 3), np.uint8)
+    video = vlm.family.compressed(vlm.family.prepare_video(frames, fps=2.0))
+    workload = plan.Workload(video_frames=4, video_size=(112, 168), compression=Compression("pool", ratio=0.25))
+    row = plan._video_row(type(vlm.family), vlm.manifest.preprocess, workload)
+    assert row.tokens == video.num_tokens == row.tiles * row.tokens_per_tile < vlm.family.prepare_video(frames, fps=2.0).num_tokens

@@ -125,7 +125,7 @@ class Qwen2VL(Family):
         pre = QwenVLPreprocessor.from_dict(preprocess["image"]) if preprocess else QwenVLPreprocessor()
         unit = pre.patch_size * pre.merge_size
         oh, ow = pool_grid((rh // unit, rw // unit), compression.tokens((rh // unit, rw // unit)))
-        return replace(row, tokens_per_tile=oh * ow, tokens=oh * ow)
+        return replace(row, tokens_per_tile=oh * ow, tokens=row.tiles * oh * ow)  # video: per temporal step
 
     @classmethod
     def plan_notes(cls, rows, sized):
