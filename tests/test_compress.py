@@ -312,3 +312,26 @@ def test_mllama_refuses_because_its_graphs_fix_the_rows_per_tile():
     with pytest.raises(ValueError, match=r"the mllama family cannot apply visual-token compression 'pool' \(its image "
                                          r"tokens are cross-attention K/V rows.*P = tokens_per_tile a static dimension"):
         mllama.refuse(Compression("pool", keep=4), mllama.compression_methods)
+
+
+def test_server_vision_cache_never_reuses_another_compressions_embeds(tiny_llava):
+    """pool 4 and topk 4 make items with equal fields (4 tokens, the same grid); the vision cache keys
+    them apart, so embeds computed under one setting are never served under the other."""
+    from vlmdeploy.serve.prepare import CachedVisionFamily
+    from vlmdeploy.serve.vision_cache import VisionCache, preprocessing_fingerprint
+
+    vlm = VLM.load(tiny_llava.artifact)
+    cache = VisionCache(1 << 20, preprocessing_fingerprint(vlm.facts, vlm.manifest.preprocess))
+    family = vlm.family
+    cached = CachedVisionFamily(family, cache)
+    item = family.prepare(photo())
+    got, want = [], []
+    for method in ("pool", "topk", "pool"):
+        family.compression = Compression(method, keep=4)
+        compressed = family.compressed(item)
+        got.append(cached.embed_media([compressed], vlm._run_graph)[0])
+        want.append(family.embed_media([compressed], vlm._run_graph)[0])
+    assert (cache.misses, cache.hits) == (2, 1)  # the second pool is the first's entry
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert not np.array_equal(got[0], got[1])
