@@ -167,3 +167,23 @@ def test_bad_counts_name_what_is_allowed(exp):
         VLM.load(exp.artifact, visual_tokens=5, compression="topk")
     with pytest.raises(ValueError, match=r"pool cannot make 3 tokens from a 2x2 grid"):
         VLM.load(exp.artifact, visual_tokens=3)
+
+
+def test_internvit_scores_with_qk_norm_equal_hf():
+    """InternViT with q/k normalization (InternVL's 6B towers): the exported scores apply it as HF does."""
+    import transformers
+
+    from vlmdeploy.export.internvl import InternVisionGraph
+
+    cfg = transformers.InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, image_size=28, patch_size=7, use_qk_norm=True)
+    torch.manual_seed(0)
+    tower = transformers.InternVLVisionModel(cfg).eval()
+    with torch.no_grad():
+        for norm in (tower.encoder.layer[-1].attention.q_norm, tower.encoder.layer[-1].attention.k_norm):
+            norm.weight.uniform_(0.5, 1.5)  # not the identity at init
+        pixels = torch.randn(2, 3, 28, 28)
+        _, got = InternVisionGraph(tower, -1, "default", scores=True)(pixels)
+        tower.set_attn_implementation("eager")
+        want = tower(pixels, output_attentions=True).attentions[-1].mean(1)[:, 0, 1:]
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
