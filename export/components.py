@@ -63,9 +63,12 @@ def select_features(hidden_states, layers: list[int], strategy: str) -> torch.Te
     return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
 
 
-# towers whose attention layers have layer_norm1 + self_attn.{q,k}_proj (attention_scores below);
-# value: whether the tower has a [CLS] token (the scores are its attention row; else mean attention received)
-SCORED_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}
+# towers whose attention can be scored (attention_scores below); value: whether the tower has a [CLS]
+# token (the scores are its attention row; else the mean attention each token receives)
+SCORED_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False, "internvl_vision": True,
+                 "idefics3_vision": False, "smolvlm_vision": False}
+# where a layer keeps its pre-attention norm and its attention (q_proj, k_proj, num_heads, head_dim, scale)
+ATTENTION_PARTS = {"internvl_vision": ("layernorm_before", "attention")}  # others: layer_norm1, self_attn
 
 
 def has_attention_scores(tower: nn.Module) -> bool:
@@ -76,18 +79,25 @@ def attention_scores(tower: nn.Module, hidden_states, layer: int, strategy: str)
     """[N, T]: how much the last feature layer attends to each feature token (FasterVLM/VisPruner),
     head-averaged: the [CLS] row where the tower has one, else the mean over queries (attention
     received). `layer`: the hidden_states index of that layer's output (its input is layer - 1).
-    Equals HF's output_attentions[layer - 1] reduced the same way (softmax in fp32 as HF's eager).
-
-        h = norm1(hidden[layer-1]) -> q, k [N, H, S, D] -> softmax(q k^T * scale) [N, H, S, S] -> mean H -> row"""
+    Equals HF's output_attentions[layer - 1] reduced the same way (softmax in fp32 as HF's eager)."""
     encoder, attr = tower_layers(tower)
     block = getattr(encoder, attr)[layer - 1]
-    attn, h = block.self_attn, block.layer_norm1(hidden_states[layer - 1])  # [N, S, Cv]
-    n, s, _ = h.shape
-    q = attn.q_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [N, H, S, D]
-    k = attn.k_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)
-    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1).mean(1)  # [N, S, S]
-    scores = probs[:, 0] if SCORED_TOWERS[tower.config.model_type] else probs.mean(1)  # [N, S]
+    scores = block_attention_scores(tower, block, hidden_states[layer - 1])  # [N, S]
     return (scores[:, 1:] if strategy == "default" else scores).to(hidden_states[0].dtype)
+
+
+def block_attention_scores(tower: nn.Module, block: nn.Module, layer_input) -> torch.Tensor:
+    """[N, S]: one encoder layer's head-averaged attention, reduced as `attention_scores` says.
+
+        h = norm(layer_input) -> q, k [N, H, S, D] (InternViT: q/k norm first) -> softmax(q k^T * scale)
+          -> mean over heads [N, S, S] -> the [CLS] row, or the mean over queries"""
+    norm, attention = ATTENTION_PARTS.get(tower.config.model_type, ("layer_norm1", "self_attn"))
+    attn, h = getattr(block, attention), getattr(block, norm)(layer_input)  # [N, S, Cv]
+    n, s, _ = h.shape
+    q = getattr(attn, "q_norm", nn.Identity())(attn.q_proj(h)).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = getattr(attn, "k_norm", nn.Identity())(attn.k_proj(h)).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1).mean(1)  # [N, S, S]
+    return probs[:, 0] if SCORED_TOWERS[tower.config.model_type] else probs.mean(1)
 
 
 class VisionGraph(nn.Module):

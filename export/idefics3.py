@@ -24,18 +24,24 @@ from .hf_files import ProcessorFiles
 
 class Idefics3VisionGraph(nn.Module):
     """(pixel_values [N,3,t,t], position_ids [N,P]) -> image_features [N,P,Cv]: HF's vision transformer
-    with the positions given (every tile is whole: no patch mask)."""
+    with the positions given (every tile is whole: no patch mask); with `scores`, also
+    attention_scores [N,P]: the mean attention each patch receives in the last layer (no [CLS]; the
+    runtime maps them to the shuffled tokens, runtime/compress.py `block_scores`)."""
 
-    def __init__(self, vision_model: nn.Module):
+    def __init__(self, vision_model: nn.Module, scores: bool = False):
         super().__init__()
-        self.vision = vision_model
+        self.vision, self.scores = vision_model, scores
 
     def forward(self, pixel_values, position_ids):
         emb = self.vision.embeddings
         x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        x = x + emb.position_embedding(position_ids)
-        x = self.vision.encoder(inputs_embeds=x, attention_mask=None).last_hidden_state
-        return self.vision.post_layernorm(x)
+        x = x + emb.position_embedding(position_ids)  # [N, P, Cv]
+        for block in self.vision.encoder.layers:  # the encoder's own loop, keeping the last layer's input
+            last_input, x = x, block(x, None)
+        features = self.vision.post_layernorm(x)
+        if not self.scores:
+            return features
+        return features, c.block_attention_scores(self.vision, block, last_input).to(features.dtype)
 
 
 class ConnectorGraph(nn.Module):
@@ -52,6 +58,9 @@ class ConnectorGraph(nn.Module):
 class Idefics3Export(LlavaStyleExport):
     family = "idefics3"
     architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+
+    def scored(self, model) -> bool:
+        return c.has_attention_scores(model.model.vision_model)
 
     def model_class(self):
         from transformers import AutoModelForImageTextToText
@@ -100,7 +109,7 @@ class Idefics3Export(LlavaStyleExport):
 
     def graph_modules(self, model) -> dict[str, nn.Module]:
         return {
-            "vision": Idefics3VisionGraph(model.model.vision_model).eval(),
+            "vision": Idefics3VisionGraph(model.model.vision_model, scores=self.scored(model)).eval(),
             "projector": ConnectorGraph(model.model.connector).eval(),
             "embed": c.EmbedGraph(model.get_input_embeddings()).eval(),
             "decoder": self.decoder_module(model),
@@ -118,10 +127,17 @@ class Idefics3Export(LlavaStyleExport):
 
     def reference_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         """HF's own vision path (its patch mask and position ids), as get_image_features runs it."""
-        mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool)
-        size = model.config.vision_config.patch_size
-        patches = mask.unfold(1, size, size).unfold(2, size, size).sum(dim=(-1, -2)) > 0
-        return model.model.vision_model(pixel_values=pixel_values, patch_attention_mask=patches).last_hidden_state
+        return _hf_vision(model, pixel_values).last_hidden_state
+
+    def reference_scores(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """attention_scores' oracle: HF's last-layer attention (eager), head-averaged, mean over queries."""
+        tower = model.model.vision_model
+        before = tower.config._attn_implementation
+        tower.set_attn_implementation("eager")
+        try:
+            return _hf_vision(model, pixel_values, attentions=True).attentions[-1].float().mean(1).mean(1)
+        finally:
+            tower.set_attn_implementation(before)
 
     def reference(self, model, graph: str, module: nn.Module, spec: GraphSpec):
         from .onnx_export import torch_reference
@@ -130,10 +146,23 @@ class Idefics3Export(LlavaStyleExport):
             return torch_reference(module, spec)
 
         def run(feeds):
+            pixels = torch.from_numpy(feeds["pixel_values"])
             with torch.no_grad():
-                return [self.reference_features(model, torch.from_numpy(feeds["pixel_values"])).numpy()]
+                out = [self.reference_features(model, pixels).numpy()]
+                if len(spec.outputs) > 1:
+                    out.append(self.reference_scores(model, pixels).numpy())
+            return out
 
         return run
+
+
+def _hf_vision(model, pixel_values: torch.Tensor, attentions: bool = False):
+    """HF's vision transformer on whole tiles; `attentions`: with output_attentions."""
+    mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool)
+    size = model.config.vision_config.patch_size
+    patches = mask.unfold(1, size, size).unfold(2, size, size).sum(dim=(-1, -2)) > 0
+    return model.model.vision_model(pixel_values=pixel_values, patch_attention_mask=patches,
+                                    output_attentions=attentions)
 
 
 def _tile_positions(facts, n: int) -> np.ndarray:

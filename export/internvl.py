@@ -21,16 +21,23 @@ from .hf_files import ProcessorFiles
 
 
 class InternVisionGraph(nn.Module):
-    """pixel_values [N,3,H,W] -> image_features [N,T,Cv]: as InternVLModel.get_image_features before the shuffle."""
+    """pixel_values [N,3,H,W] -> image_features [N,T,Cv]: as InternVLModel.get_image_features before the shuffle;
+    with `scores`, also attention_scores [N,T]: the feature layer's [CLS] attention row per patch (the
+    runtime maps them to the shuffled tokens, runtime/compress.py `block_scores`)."""
 
-    def __init__(self, tower: nn.Module, layer: int, strategy: str):
+    def __init__(self, tower: nn.Module, layer: int, strategy: str, scores: bool = False):
         super().__init__()
-        self.tower, self.layer, self.strategy = tower, layer, strategy
+        self.tower, self.layer, self.strategy, self.scores = tower, layer, strategy, scores
 
     def forward(self, pixel_values):
-        out = self.tower(pixel_values=pixel_values, output_hidden_states=self.layer != -1)
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=self.layer != -1 or self.scores)
         features = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
-        return features[:, 1:] if self.strategy == "default" else features
+        features = features[:, 1:] if self.strategy == "default" else features
+        if not self.scores:
+            return features
+        layer = c.feature_layers(self.layer, self.tower.config.num_hidden_layers)[0]  # hidden_states index
+        scores = c.block_attention_scores(self.tower, self.tower.encoder.layer[layer - 1], out.hidden_states[layer - 1])
+        return features, (scores[:, 1:] if self.strategy == "default" else scores).to(features.dtype)
 
 
 class PixelShuffleProjector(nn.Module):
@@ -50,6 +57,9 @@ class PixelShuffleProjector(nn.Module):
 class InternVLExport(LlavaStyleExport):
     family = "internvl"
     architectures = ("InternVLForConditionalGeneration",)
+
+    def scored(self, model) -> bool:
+        return c.has_attention_scores(model.model.vision_tower)
 
     def model_class(self):
         from transformers import InternVLForConditionalGeneration
@@ -99,7 +109,7 @@ class InternVLExport(LlavaStyleExport):
         cfg = model.config
         return {
             "vision": InternVisionGraph(model.model.vision_tower, cfg.vision_feature_layer,
-                                        cfg.vision_feature_select_strategy).eval(),
+                                        cfg.vision_feature_select_strategy, scores=self.scored(model)).eval(),
             "projector": PixelShuffleProjector(model.model, cfg.downsample_ratio).eval(),
             "embed": c.EmbedGraph(model.get_input_embeddings()).eval(),
             "decoder": self.decoder_module(model),
@@ -109,11 +119,6 @@ class InternVLExport(LlavaStyleExport):
         cfg = model.config
         return InternVisionGraph(model.model.vision_tower, cfg.vision_feature_layer,
                                  cfg.vision_feature_select_strategy)(pixel_values)
-
-    def reference(self, model, graph: str, module: nn.Module, spec: GraphSpec):
-        from .onnx_export import torch_reference
-
-        return torch_reference(module, spec)
 
 
 def _named_tokens(tokenizer_config: dict) -> dict:

@@ -285,7 +285,7 @@ def _video_row(family, preprocess, w: Workload) -> ImageTokens | None:
     row = family.video_tokens(preprocess, w.video_frames, size)
     if row is None:
         raise ValueError(f"--video-frames: the {family.name} family takes no video")
-    return row
+    return row if w.compression is None else family.compressed_tokens(preprocess, row, w.compression)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,3 +147,25 @@ def visionzip_merge(features: np.ndarray, scores: np.ndarray, k: int) -> tuple[n
     merged = np.stack([np.concatenate([features[t][None], features[others[group == i]]]).mean(axis=0)
                        for i, t in enumerate(targets)])
     return np.concatenate([dominant_feats, merged.astype(features.dtype)]), np.concatenate([dominant, targets])
+
+
+# ---- tiles after a pixel shuffle (InternVL, Idefics3/SmolVLM) ----------------------------------------
+
+
+def block_scores(scores: np.ndarray, grid: Grid) -> np.ndarray:
+    """scores [n, P] per patch of the vision tower ((h*r) x (w*r) patches) -> [n, h*w]: each shuffled
+    token's score is the mean of the r x r patches the pixel shuffle folds into it. Both families'
+    shuffles fold the patches of block (i, j) into token i*w + j (row-major)."""
+    n, p = scores.shape
+    h, w = grid
+    r = int(round((p / (h * w)) ** 0.5))
+    if h * r * w * r != p:
+        raise ValueError(f"{p} patch scores do not fold onto a {h}x{w} token grid by a square pixel shuffle")
+    return scores.reshape(n, h, r, w, r).mean(axis=(2, 4)).reshape(n, h * w)
+
+
+def compress_tiles(compression: Compression, features: np.ndarray, grid: Grid, scores: np.ndarray | None) -> np.ndarray:
+    """features [n, T, C] of n tiles on `grid` (scores [n, P] per patch, before the shuffle) -> [n, K, C],
+    each tile compressed on its own."""
+    tile_scores = [None] * len(features) if scores is None else block_scores(scores, grid)  # [n, T]
+    return np.stack([compression.apply(f, grid, s)[0] for f, s in zip(features, tile_scores)])

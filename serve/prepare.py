@@ -53,7 +53,7 @@ class CachedVisionFamily:
 
     def embed_media(self, items: list, run) -> list:
         """Each item's embeds [num_tokens, C]: cached ones as they are, the others in one vision run."""
-        keys = [self._cache.key(item) for item in items]
+        keys = [self._cache.key(item, self._family.compression) for item in items]
         found = [self._cache.get(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:

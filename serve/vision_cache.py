@@ -1,6 +1,7 @@
 """Encoder outputs shared across requests: preprocessed image content + preprocessing -> embeds, LRU in bytes.
 
-    key   = sha256(the item's pixels, its token count, kind and family metadata)
+    key   = sha256(the item's pixels, its token count, kind and family metadata, the visual-token
+                   compression the embeds are made under)
             + sha256(family, preprocess parameters, vision graph chain)
     value = embeds [num_tokens, C] (read-only)
 
@@ -30,11 +31,14 @@ class VisionCache:
         self._lock = threading.Lock()
         self.bytes = self.hits = self.misses = 0
 
-    def key(self, item) -> str:
-        """A MediaItem's key: every field (pixels by content) and the preprocessing fingerprint."""
+    def key(self, item, compression=None) -> str:
+        """A MediaItem's key: every field (pixels by content), the compression (runtime/compress.py
+        `Compression`, None: none; pool and topk can give items with equal fields) and the preprocessing
+        fingerprint."""
         h = hashlib.sha256()
         for f in dataclasses.fields(item):
             _digest(h, f.name, getattr(item, f.name))
+        _digest(h, "compression", None if compression is None else dataclasses.asdict(compression))
         return h.hexdigest() + self.fingerprint
 
     def get(self, key: str) -> np.ndarray | None:

@@ -233,7 +233,8 @@ def test_bad_options_name_what_is_allowed(tiny_llava, exported_factory):
         with pytest.raises(ValueError, match=message):
             VLM.load(tiny_llava.artifact, **kwargs)
     qwen = exported_factory("qwen2_vl").artifact
-    with pytest.raises(ValueError, match=r"qwen2_vl family cannot apply visual-token compression 'topk' .*takes: pool"):
+    with pytest.raises(ValueError, match=r"qwen2_vl family cannot apply visual-token compression 'topk' \(its vision graph "
+                                         r".*no attention_scores output.*M-RoPE.*takes: pool"):
         VLM.load(qwen, visual_tokens=4, compression="topk")
     family = VLM.load(tiny_llava.artifact).family
     with pytest.raises(ValueError, match=r"has no attention_scores output; re-export"):
@@ -283,3 +284,55 @@ def test_server_prompts_hold_the_kept_count(tiny_llava):
         assert server.load_error is None
         counts.append(server.builder.chat(messages).prompt_tokens)
     assert counts[1] - counts[0] == 12
+
+
+def test_qwen2_vl_plan_counts_compressed_video_as_the_runtime(exported_factory):
+    """The planner's video row under --visual-tokens: every temporal step's pooled grid, as the runtime."""
+    from vlmdeploy.export import plan
+
+    vlm = VLM.load(exported_factory("qwen2_vl").artifact, visual_tokens=0.25)
+    frames = np.zeros((4, 112, 168, 3), np.uint8)
+    video = vlm.family.compressed(vlm.family.prepare_video(frames, fps=2.0))
+    workload = plan.Workload(video_frames=4, video_size=(112, 168), compression=Compression("pool", ratio=0.25))
+    row = plan._video_row(type(vlm.family), vlm.manifest.preprocess, workload)
+    assert row.tokens == video.num_tokens == row.tiles * row.tokens_per_tile < vlm.family.prepare_video(frames, fps=2.0).num_tokens
+
+
+def test_mllama_refuses_because_its_graphs_fix_the_rows_per_tile():
+    """The refusal's reason holds: in mllama's graph specs the rows per tile (P) are a static dimension of
+    cross_kv's input and of the decoder's cross K/V (so no row count but the export's can go in)."""
+    from vlmdeploy.export.mllama import cross_kv_names, mllama_graph_specs
+    from vlmdeploy.runtime.spec import ModelDims
+
+    dims = ModelDims((28, 28), 5, 16, 32, 300, 4, 2, 8, "float32")
+    specs = mllama_graph_specs(dims, num_cross=2, max_tiles=4)
+    assert specs["cross_kv"].inputs[0].shape == ("batch", "images", 4, 5, 16)
+    decoder_kv = {t.name: t.shape for t in specs["decoder"].inputs}
+    assert all(decoder_kv[n][3] == 4 * 5 for n in cross_kv_names(2))
+    mllama = family_class("mllama")
+    with pytest.raises(ValueError, match=r"the mllama family cannot apply visual-token compression 'pool' \(its image "
+                                         r"tokens are cross-attention K/V rows.*P = tokens_per_tile a static dimension"):
+        mllama.refuse(Compression("pool", keep=4), mllama.compression_methods)
+
+
+def test_server_vision_cache_never_reuses_another_compressions_embeds(tiny_llava):
+    """pool 4 and topk 4 make items with equal fields (4 tokens, the same grid); the vision cache keys
+    them apart, so embeds computed under one setting are never served under the other."""
+    from vlmdeploy.serve.prepare import CachedVisionFamily
+    from vlmdeploy.serve.vision_cache import VisionCache, preprocessing_fingerprint
+
+    vlm = VLM.load(tiny_llava.artifact)
+    cache = VisionCache(1 << 20, preprocessing_fingerprint(vlm.facts, vlm.manifest.preprocess))
+    family = vlm.family
+    cached = CachedVisionFamily(family, cache)
+    item = family.prepare(photo())
+    got, want = [], []
+    for method in ("pool", "topk", "pool"):
+        family.compression = Compression(method, keep=4)
+        compressed = family.compressed(item)
+        got.append(cached.embed_media([compressed], vlm._run_graph)[0])
+        want.append(family.embed_media([compressed], vlm._run_graph)[0])
+    assert (cache.misses, cache.hits) == (2, 1)  # the second pool is the first's entry
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert not np.array_equal(got[0], got[1])

@@ -5,23 +5,31 @@
     all tiles of a call -> vision (with each tile's patch positions, computed here from its pixel mask)
           -> projector -> [tiles, n, C] -> [tiles * n, C] per image
     prompt: each <image> -> HF's text: <fake_token_around_image><row_r_col_c><image>*n ... <global-img><image>*n
+    compression (--visual-tokens K): each tile's shuffled grid to K tokens, the tags unchanged, <image>*K
+    per tile (runtime/families/shuffled_tiles.py)
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .. import idefics3
-from .base import Family, ImageTokens, MediaItem
+from .base import SCORES, ImageTokens, MediaItem
+from .shuffled_tiles import ShuffledTiles
 
 
-class Idefics3(Family):
+class Idefics3(ShuffledTiles):
     name = "idefics3"
-    compression_refusal = "its tiles are pixel-shuffled and wrapped in per-tile row/column text tokens; not supported yet"
 
     def configure(self, preprocess: dict) -> None:
         self.params = idefics3.Idefics3Params.from_dict(preprocess)
         self.patch_size = self.facts.family_params["patch_size"]
+
+    @property
+    def tile_tokens(self) -> int:
+        return self.params.image_seq_len
 
     def prepare(self, image) -> MediaItem:
         out = idefics3.preprocess_image(image, self.params)  # [tiles, 3, t, t]
@@ -34,8 +42,11 @@ class Idefics3(Family):
         if len(parts) - 1 != len(items):
             raise ValueError(f"prompt has {len(parts) - 1} {placeholder} placeholders but {len(items)} images were "
                              "given; give one image per placeholder")
-        return parts[0] + "".join(idefics3.image_prompt(*i.meta["grid"], self.params) + part
-                                  for i, part in zip(items, parts[1:]))
+        return parts[0] + "".join(self._image_prompt(i) + part for i, part in zip(items, parts[1:]))
+
+    def _image_prompt(self, item: MediaItem) -> str:
+        """Every tile's tags as HF writes them, with K <image> tokens per tile when compressed."""
+        return idefics3.image_prompt(*item.meta["grid"], replace(self.params, image_seq_len=self.kept_per_tile(item)))
 
     def embed_media(self, items: list[MediaItem], run) -> list[np.ndarray]:
         """One vision run over every tile of every image, with the tiles' patch positions."""
@@ -46,10 +57,17 @@ class Idefics3(Family):
         side = self.facts.dims.image_size[0] // self.patch_size
         _, positions = idefics3.patch_positions(masks, self.patch_size, side)  # [N, P]
         vision, projector = self.facts.pipeline["image"]
-        features = run(vision, {"pixel_values": pixels, "position_ids": positions})
+        feeds = {"pixel_values": pixels, "position_ids": positions}
+        scores = None  # [N, P] per patch, when compression ranks tokens
+        if self.compression is not None and self.compression.needs_scores:
+            outputs = run(vision, feeds, all_outputs=True)
+            features, scores = outputs["image_features"], outputs[SCORES]
+        else:
+            features = run(vision, feeds)
         embeds = run(projector, features)  # [N, n, C]
         splits = np.cumsum([len(i.pixels) for i in items])[:-1]
-        return [self._checked(i, e.reshape(-1, e.shape[-1])) for i, e in zip(items, np.split(embeds, splits))]
+        rows = [None] * len(items) if scores is None else np.split(scores, splits)
+        return [self._checked(i, self.pack_item(i, e, s)) for i, e, s in zip(items, np.split(embeds, splits), rows)]
 
     @classmethod
     def visual_tokens(cls, preprocess, image_sizes, tile_tokens, tile_size, facts=None):

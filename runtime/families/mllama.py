@@ -21,6 +21,11 @@ from .base import Family, ImageTokens, MediaItem
 class Mllama(Family):
     name = "mllama"
     media_in_prompt = False
+    compression_refusal = (
+        "its image tokens are cross-attention K/V rows, not prompt tokens, and the exported graphs fix their count: "
+        "cross_kv takes vision_states [batch, images, tiles, P, C] and the decoder cross K/V of tiles x P rows with "
+        "P = tokens_per_tile a static dimension, and the decoder expands each tile's cross-attention mask to P rows "
+        "inside the graph; fewer rows per tile would need graphs exported with P dynamic")
 
     def configure(self, preprocess: dict) -> None:
         self.params = mllama.MllamaParams.from_dict(preprocess)

@@ -27,7 +27,10 @@ class Qwen2VL(Family):
     media_kinds = ("image", "video")
     size_options = True
     compression_methods = ("pool",)
-    compression_refusal = "its vision graph (the merger's output) has no attention_scores output to rank tokens by"
+    compression_refusal = (
+        "its vision graph (ViT + 2x2 merger) has no attention_scores output: they would be the last block's "
+        "attention over all of an item's patches, an extra N x N per head in every run of the graph; and a kept "
+        "subset of tokens is no grid, so M-RoPE (positions from each item's t x h x w grid) has no rule for it")
 
     def configure(self, preprocess: dict) -> None:
         self.preprocessor = QwenVLPreprocessor.from_dict(preprocess["image"])
@@ -125,7 +128,7 @@ class Qwen2VL(Family):
         pre = QwenVLPreprocessor.from_dict(preprocess["image"]) if preprocess else QwenVLPreprocessor()
         unit = pre.patch_size * pre.merge_size
         oh, ow = pool_grid((rh // unit, rw // unit), compression.tokens((rh // unit, rw // unit)))
-        return replace(row, tokens_per_tile=oh * ow, tokens=oh * ow)
+        return replace(row, tokens_per_tile=oh * ow, tokens=row.tiles * oh * ow)  # video: per temporal step
 
     @classmethod
     def plan_notes(cls, rows, sized):
