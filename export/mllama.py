@@ -5,10 +5,14 @@ through their own K/V instead of to the context.
     tiles [N,T,3,t,t] + aspect_ratio_ids [N] + aspect_ratio_mask [N,T]  (runtime/mllama.py; N = B * I slots)
       -> vision (patch conv, gated tile/position embeddings, local layers, gated global layers,
                  intermediate layers concatenated) -> vision_states [N,T,P,Cvo]
-      -> host: [B,I,T,P,Cvo] -> cross_kv (projector, each cross layer's k_proj/k_norm and v_proj; once per
-                 request) -> cross_key_values.{j}.key/value [B,Hkv,I,T*P,D]
+      -> host: [B,I,T,P,Cvo] (visual-token compression: each tile's rows to P' = [CLS] + K patches)
+      -> cross_kv (projector, each cross layer's k_proj/k_norm and v_proj; once per request)
+      -> cross_key_values.{j}.key/value [B,Hkv,I,T,P',D]
     decoder: (embeds, mask, positions, cross_attention_mask [B,S,I,T], past self-attention K/V...,
               cross K/V...) -> logits, present self-attention K/V...   (the cross K/V are inputs only)
+
+The rows per tile are the dynamic dim `tile_rows` of cross_kv and the decoder (P out of the vision graph;
+fewer under compression): the decoder expands each tile's mask entry to the rows its K/V has.
 
 A batch with no image at all gets one image slot of zero K/V and an all-zero cross-attention mask: each
 cross layer is then exactly the identity (attention over zero values is 0, o_proj has no bias, the MLP
@@ -62,8 +66,8 @@ class MllamaVisionGraph(nn.Module):
 
 
 class CrossKVGraph(nn.Module):
-    """vision_states [B,I,T,P,Cvo] -> per cross layer (k_norm(k_proj(x)), v_proj(x)), each [B,Hkv,I,T*P,D],
-    x = projector(vision_states) in HF's (image, tile, patch) order."""
+    """vision_states [B,I,T,P,Cvo] -> per cross layer (k_norm(k_proj(x)), v_proj(x)), each [B,Hkv,I,T,P,D],
+    x = projector(vision_states) in HF's (image, tile, row) order; P: any rows per tile."""
 
     def __init__(self, projector: nn.Module, text_model: nn.Module, text_config):
         super().__init__()
@@ -73,40 +77,40 @@ class CrossKVGraph(nn.Module):
 
     def forward(self, vision_states):
         b, i, t, p, _ = vision_states.shape
-        x = self.projector(vision_states).reshape(b, i * t * p, -1)  # [B, I*T*P, C]
+        x = self.projector(vision_states)  # [B, I, T, P, C]
         out = []
         for attn in self.attns:
-            k = attn.k_norm(attn.k_proj(x).view(b, i, t * p, self.kv_heads, self.head_dim).permute(0, 3, 1, 2, 4))
-            v = attn.v_proj(x).view(b, i, t * p, self.kv_heads, self.head_dim).permute(0, 3, 1, 2, 4)
-            out += [k, v]  # [B, Hkv, I, T*P, D]
+            k = attn.k_norm(attn.k_proj(x).view(b, i, t, p, self.kv_heads, self.head_dim).permute(0, 4, 1, 2, 3, 5))
+            v = attn.v_proj(x).view(b, i, t, p, self.kv_heads, self.head_dim).permute(0, 4, 1, 2, 3, 5)
+            out += [k, v]  # [B, Hkv, I, T, P, D]
         return tuple(out)
 
 
 class MllamaDecoderGraph(nn.Module):
     """(inputs_embeds [B,S,C], attention_mask [B,P+S], position_ids [B,S], cross_attention_mask [B,S,I,T],
-    past self-attention k/v [B,Hkv,P,D]..., cross k/v [B,Hkv,I,T*P,D]...) -> logits [B,S,V], present
+    past self-attention k/v [B,Hkv,P,D]..., cross k/v [B,Hkv,I,T,R,D]...) -> logits [B,S,V], present
     self-attention k/v [B,Hkv,P+S,D]... HF's text model with a DynamicCache that holds the past at the
     self-attention layers and the cross K/V at the cross-attention layers (as HF's cache does after the
-    first step), and the cross-attention mask turned into HF's two masks."""
+    first step), and the cross-attention mask turned into HF's two masks, each tile's entry repeated
+    for its R rows (R: the cross K/V's, so compressed tiles work as whole ones)."""
 
-    def __init__(self, text_model: nn.Module, lm_head: nn.Module, text_config, tokens_per_tile: int):
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, text_config):
         super().__init__()
-        self.text_model, self.lm_head, self.tokens_per_tile = text_model, lm_head, tokens_per_tile
+        self.text_model, self.lm_head = text_model, lm_head
         self.self_layers, self.cross_layers = cross_layers(text_config)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, cross_attention_mask, *kv):
         from transformers import DynamicCache
-        from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 
         n_self = len(self.self_layers)
         past, cross = kv[: 2 * n_self], kv[2 * n_self:]
         by_layer = {**{l: past[2 * i: 2 * i + 2] for i, l in enumerate(self.self_layers)},
-                    **{l: [t.flatten(2, 3) for t in cross[2 * j: 2 * j + 2]] for j, l in enumerate(self.cross_layers)}}
+                    **{l: [t.flatten(2, 4) for t in cross[2 * j: 2 * j + 2]] for j, l in enumerate(self.cross_layers)}}
         cache = DynamicCache()
         for layer in range(len(by_layer)):
             cache.update(*by_layer[layer], layer)
-        mask, row_mask = _prepare_cross_attention_mask(cross_attention_mask.to(inputs_embeds.dtype), self.tokens_per_tile,
-                                                        inputs_embeds.dtype)  # 0/1 as floats: HF's 1.0 - mask
+        mask, row_mask = cross_attention_masks(cross_attention_mask.to(inputs_embeds.dtype), cross[0].shape[4],
+                                               inputs_embeds.dtype)
         out = self.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                               cross_attention_mask=mask, full_text_row_masked_out_mask=row_mask, cache=cache,
                               use_cache=True)
@@ -114,16 +118,31 @@ class MllamaDecoderGraph(nn.Module):
         return (self.lm_head(out.last_hidden_state), *present)
 
 
+def cross_attention_masks(cross_attention_mask, rows, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cross_attention_mask [B,S,I,T] (0/1) -> HF's (additive mask [B,1,S,I*T*R], row mask [B,1,S,1]): HF's
+    `_prepare_cross_attention_mask` with each tile's entry repeated for its `rows` K/V rows by an expand
+    (a traced dim, where HF's repeat_interleave takes a fixed count)."""
+    b, s, i, t = cross_attention_mask.shape
+    mask = cross_attention_mask[..., None].expand(b, s, i, t, rows).reshape(b, s, -1)[:, None]  # [B,1,S,I*T*R]
+    inverted = (1.0 - mask).to(dtype)
+    lowest = torch.finfo(dtype).min
+    additive = inverted.masked_fill(inverted.to(torch.bool), lowest)
+    row_mask = (additive != lowest).any(dim=-1).type_as(additive)[..., None]  # [B,1,S,1]: reads any row
+    return additive * row_mask, row_mask
+
+
 def mllama_graph_specs(d: ModelDims, num_cross: int, max_tiles: int) -> dict[str, GraphSpec]:
-    """vision, cross_kv, embed and the portable decoder (with the cross K/V and mask as inputs)."""
+    """vision, cross_kv, embed and the portable decoder (with the cross K/V and mask as inputs); the
+    rows per tile of cross_kv and the decoder are `tile_rows` (d.vision_tokens uncompressed)."""
     f, t, p = d.dtype, max_tiles, d.vision_tokens
     vision = GraphSpec("vision", inputs=(
         TensorSpec("pixel_values", f, ("num_images", t, 3, *d.image_size)),
         TensorSpec("aspect_ratio_ids", "int64", ("num_images",)),
         TensorSpec("aspect_ratio_mask", "int64", ("num_images", t)),
     ), outputs=(TensorSpec("vision_states", f, ("num_images", t, p, d.vision_hidden)),))
-    cross = tuple(TensorSpec(n, f, ("batch", d.kv_heads, "images", t * p, d.head_dim)) for n in cross_kv_names(num_cross))
-    cross_kv = GraphSpec("cross_kv", inputs=(TensorSpec("vision_states", f, ("batch", "images", t, p, d.vision_hidden)),),
+    cross = tuple(TensorSpec(n, f, ("batch", d.kv_heads, "images", t, "tile_rows", d.head_dim))
+                  for n in cross_kv_names(num_cross))
+    cross_kv = GraphSpec("cross_kv", inputs=(TensorSpec("vision_states", f, ("batch", "images", t, "tile_rows", d.vision_hidden)),),
                          outputs=cross)
     embed = GraphSpec("embed", inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
                       outputs=(TensorSpec("inputs_embeds", f, ("batch", "seq", d.hidden)),))
@@ -199,7 +218,7 @@ class MllamaExport(LlavaStyleExport):
             facts,
             media={"image": dataclasses.replace(facts.media["image"], placeholder=placeholder)},
             pipeline={"image": ["vision", "cross_kv"], "embed": "embed", "decoders": ["decoder"]},
-            limits={**facts.limits, "images": None})
+            limits={**facts.limits, "images": None, "tile_rows": facts.family_params["tokens_per_tile"]})
 
     def kv_layers(self, text) -> tuple:
         """Only the self-attention layers hold context K/V (the cross layers' K/V are per request, not per token)."""
@@ -221,9 +240,7 @@ class MllamaExport(LlavaStyleExport):
         }
 
     def decoder_module(self, model) -> nn.Module:
-        v = model.config.vision_config
-        return MllamaDecoderGraph(model.model.language_model, model.lm_head, model.config.get_text_config(),
-                                  (v.image_size // v.patch_size) ** 2 + 1).eval()
+        return MllamaDecoderGraph(model.model.language_model, model.lm_head, model.config.get_text_config()).eval()
 
     def text_parts(self, model):
         return model.model.language_model, model.lm_head, model.config.get_text_config()
@@ -238,10 +255,10 @@ class MllamaExport(LlavaStyleExport):
 
     def validation_dims(self, name: str, spec: GraphSpec) -> list[dict]:
         dims = super().validation_dims(name, spec)
-        if name == "decoder":
-            return [{**d, "images": i} for d, i in zip(dims, (1, 2, 1, 3))]
+        if name == "decoder":  # tile_rows: any count (compressed tiles have fewer rows than the vision graph's)
+            return [{**d, "images": i, "tile_rows": r} for d, i, r in zip(dims, (1, 2, 1, 3), (3, 2, 1, 5))]
         if name == "cross_kv":
-            return [{"batch": 1, "images": 1}, {"batch": 2, "images": 3}]
+            return [{"batch": 1, "images": 1, "tile_rows": 5}, {"batch": 2, "images": 3, "tile_rows": 2}]
         return dims
 
     def sample_feeds(self, name: str, spec: GraphSpec, dims: dict, facts, rng) -> dict:
@@ -262,7 +279,7 @@ class MllamaExport(LlavaStyleExport):
 
 
 def _hf_cross_cache(model, vision_states: torch.Tensor) -> list[np.ndarray]:
-    """vision_states [B,I,T,P,Cvo] -> each cross layer's cached (keys, values) after HF's first pass, [B,Hkv,I,T*P,D]."""
+    """vision_states [B,I,T,P,Cvo] -> each cross layer's cached (keys, values) after HF's first pass, [B,Hkv,I,T,P,D]."""
     from transformers import DynamicCache
 
     b, i, t, p, _ = vision_states.shape
@@ -272,7 +289,7 @@ def _hf_cross_cache(model, vision_states: torch.Tensor) -> list[np.ndarray]:
         cache, out = DynamicCache(), []
         for layer in cross_layers(text)[1]:
             model.model.language_model.layers[layer].cross_attn(torch.zeros(b, 1, text.hidden_size), states, cache=cache)
-            out += [x.reshape(b, x.shape[1], i, t * p, x.shape[-1]).numpy() for x in (cache.layers[layer].keys, cache.layers[layer].values)]
+            out += [x.reshape(b, x.shape[1], i, t, p, x.shape[-1]).numpy() for x in (cache.layers[layer].keys, cache.layers[layer].values)]
     return out
 
 
