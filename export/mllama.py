@@ -52,17 +52,52 @@ def cross_layers(text) -> tuple[list[int], list[int]]:
 
 
 class MllamaVisionGraph(nn.Module):
-    """(pixel_values [N,T,3,t,t], aspect_ratio_ids [N], aspect_ratio_mask [N,T]) -> vision_states [N,T,P,Cvo]:
-    HF's vision model with each image slot as its own prompt (it flattens prompts x images anyway)."""
+    """(pixel_values [N,T,3,t,t], aspect_ratio_ids [N], aspect_ratio_mask [N,T]) -> vision_states [N,T,P,Cvo],
+    attention_scores [N,T,P-1]: HF's vision model with each image slot as its own prompt (it flattens
+    prompts x images anyway), and what the last layer's attention gives each tile's patches (`patch_scores`;
+    its input is caught on the way, so the tower runs once)."""
 
     def __init__(self, vision_model: nn.Module):
         super().__init__()
         self.vision_model = vision_model
+        self.last_attn = last_vision_layer(vision_model).self_attn
 
     def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-        out = self.vision_model(pixel_values=pixel_values[:, None], aspect_ratio_ids=aspect_ratio_ids[:, None],
-                                aspect_ratio_mask=aspect_ratio_mask[:, None]).last_hidden_state  # [N,1,T,P,Cvo]
-        return out[:, 0]
+        seen = {}  # the last layer's attention input: normed hidden states [N,S,C], additive mask [N,1,S,S]
+
+        def catch(module, args, kwargs):
+            seen.update(h=args[0], mask=kwargs["attention_mask"])
+
+        hook = self.last_attn.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            out = self.vision_model(pixel_values=pixel_values[:, None], aspect_ratio_ids=aspect_ratio_ids[:, None],
+                                    aspect_ratio_mask=aspect_ratio_mask[:, None]).last_hidden_state  # [N,1,T,P,Cvo]
+        finally:
+            hook.remove()
+        t, p = out.shape[2:4]
+        return out[:, 0], patch_scores(self.last_attn, seen["h"], seen["mask"], t, p).to(out.dtype)
+
+
+def last_vision_layer(vision_model: nn.Module) -> nn.Module:
+    """The tower's last layer: the last gated global layer (the local ones where there is none)."""
+    return (list(vision_model.global_transformer.layers) or list(vision_model.transformer.layers))[-1]
+
+
+def patch_scores(attn: nn.Module, h, mask, tiles: int, rows: int) -> torch.Tensor:
+    """[N, T, P-1]: each tile's [CLS] attention to its own tile's patches in one layer, head-averaged
+    (FasterVLM's [CLS] ranking, per tile; softmax in fp32 as HF's eager). Only the T [CLS] query rows are
+    computed, not the whole S x S attention.
+
+        h [N, S, C] (S = T x Pp, Pp = P + padding to 8) -> q at each tile's [CLS] [N,H,T,D], k [N,H,S,D]
+          -> softmax(q k^T * scale + mask's [CLS] rows) -> mean over heads [N, T, S] -> [N, T(query), T(key), Pp]
+          -> the diagonal (a tile's own keys) [N, T, Pp] -> its patches 1..P-1"""
+    n, s, _ = h.shape
+    pp = s // tiles
+    k = attn.k_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [N, H, S, D]
+    q = attn.q_proj(h[:, ::pp]).view(n, tiles, attn.num_heads, attn.head_dim).transpose(1, 2)  # [N, H, T, D]
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling + mask[:, :, ::pp]  # [N, H, T, S]
+    probs = torch.softmax(logits.float(), dim=-1).mean(1).view(n, tiles, tiles, pp)
+    return torch.diagonal(probs, dim1=1, dim2=2).transpose(1, 2)[..., 1:rows]  # [N, T, P-1]
 
 
 class CrossKVGraph(nn.Module):
@@ -139,7 +174,8 @@ def mllama_graph_specs(d: ModelDims, num_cross: int, max_tiles: int) -> dict[str
         TensorSpec("pixel_values", f, ("num_images", t, 3, *d.image_size)),
         TensorSpec("aspect_ratio_ids", "int64", ("num_images",)),
         TensorSpec("aspect_ratio_mask", "int64", ("num_images", t)),
-    ), outputs=(TensorSpec("vision_states", f, ("num_images", t, p, d.vision_hidden)),))
+    ), outputs=(TensorSpec("vision_states", f, ("num_images", t, p, d.vision_hidden)),
+                TensorSpec("attention_scores", f, ("num_images", t, p - 1))))
     cross = tuple(TensorSpec(n, f, ("batch", d.kv_heads, "images", t, "tile_rows", d.head_dim))
                   for n in cross_kv_names(num_cross))
     cross_kv = GraphSpec("cross_kv", inputs=(TensorSpec("vision_states", f, ("batch", "images", t, "tile_rows", d.vision_hidden)),),

@@ -31,15 +31,21 @@ def torch_pool(x: np.ndarray, grid, out) -> np.ndarray:
 
 
 def torch_topk(x: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    keep = torch.topk(torch.from_numpy(scores), k).indices.sort().values
+    keep = stable_top(torch.from_numpy(scores), k).sort().values
     return torch.from_numpy(x)[keep].numpy()
+
+
+def stable_top(s: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest along the last axis, ties to the earlier (torch.topk leaves ties unspecified; mllama's
+    padded tiles score all 0)."""
+    return torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def torch_visionzip(x: np.ndarray, scores: np.ndarray, dominant: int, contextual: int) -> np.ndarray:
     """VisionZip's merge (github.com/dvlab-research/VisionZip, `visionzip/clip_encoder.py`) in its own
     tensor form, with the contextual token the mean of its group (target + the tokens assigned to it)."""
     h, s = torch.from_numpy(x)[None], torch.from_numpy(scores)[None]  # [1, T, C], [1, T]
-    top = s.topk(dominant, dim=1).indices.sort(dim=1).values
+    top = stable_top(s, dominant).sort(dim=1).values
     mask = torch.ones_like(s, dtype=torch.bool).scatter_(1, top, False)
     kept = h.gather(1, top[..., None].expand(-1, -1, h.shape[-1]))
     rest = h.masked_select(mask[..., None]).view(1, -1, h.shape[-1])  # [1, R, C]

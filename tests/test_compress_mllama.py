@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import photo
-from test_compress import torch_pool
+from test_compress import torch_pool, torch_topk, torch_visionzip
 from vlmdeploy.runtime.compress import Compression
 from vlmdeploy.runtime.vlm import VLM
 
@@ -28,26 +28,43 @@ def exp(exported_factory):
     return exported_factory("mllama")
 
 
-def hf_compressed_tokens(exp, prompt, images, pooled: tuple[int, int], new_tokens: int) -> list[int]:
-    """HF's vision model on the processor's tiles, each tile's patch grid pooled to `pooled` by torch (its
-    [CLS] row kept), projected, and read by HF's language model through HF's mask expanded to 1 + K rows;
-    greedy, the last mask row repeated for each new token as HF generate does."""
+def hf_vision(exp, prompt, images):
+    """(processor inputs, HF's vision states [I*T, P, Cvo], HF's eager attention in the tower's last layer
+    reduced as the vision graph's attention_scores: each tile's [CLS] row, head-averaged, over its own
+    tile's patches [I*T, P-1])."""
+    from vlmdeploy.export.mllama import last_vision_layer
+
+    model, inputs = exp.model, exp.processor(text=[prompt], images=[images], return_tensors="pt")
+    tower, caught = model.model.vision_model, {}
+    hook = last_vision_layer(tower).self_attn.register_forward_hook(lambda m, a, out: caught.update(probs=out[1]))
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            states = tower(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                           aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state  # [1, I, T, P, Cvo]
+    finally:
+        tower.set_attn_implementation("sdpa")
+        hook.remove()
+    tiles, p = states.shape[2], states.shape[3]
+    probs = caught["probs"].mean(1)  # [I, S, S], S = T x Pp
+    pp = probs.shape[-1] // tiles
+    scores = torch.stack([probs[:, t * pp, t * pp + 1: t * pp + p] for t in range(tiles)], dim=1)  # [I, T, P-1]
+    return inputs, states.reshape(-1, p, states.shape[-1]).numpy(), scores.reshape(-1, p - 1).numpy()
+
+
+def hf_tokens(exp, inputs, kept: np.ndarray, new_tokens: int) -> list[int]:
+    """HF's language model reading kept [I*T, R, Cvo] (projected as MllamaModel does) through HF's mask
+    expanded to R rows; greedy, the last mask row repeated for each new token as HF generate does."""
     from transformers import DynamicCache
     from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 
-    model, inputs = exp.model, exp.processor(text=[prompt], images=[images], return_tensors="pt")
-    with torch.no_grad():
-        states = model.model.vision_model(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
-                                          aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state  # [1,I,T,P,Cvo]
-    tiles = states.reshape(-1, *states.shape[-2:]).numpy()  # [I*T, P, Cvo]
-    kept = np.stack([np.concatenate([t[:1], torch_pool(t[1:], GRID, pooled)]) for t in tiles])  # [I*T, 1+K, Cvo]
-    rows, hidden = kept.shape[1], model.config.get_text_config().hidden_size
+    model, rows = exp.model, kept.shape[1]
     lm, mask = model.model.language_model, inputs["cross_attention_mask"]  # [1, S, I, T]
     ids, cache, out = inputs["input_ids"], DynamicCache(), []
     with torch.no_grad():
-        cross = model.model.multi_modal_projector(torch.from_numpy(kept)).reshape(-1, rows, hidden)  # as MllamaModel
+        cross = model.model.multi_modal_projector(torch.from_numpy(kept)).reshape(-1, rows, lm.config.hidden_size)
         for _ in range(new_tokens):
-            m, row_mask = _prepare_cross_attention_mask(mask[:, -ids.shape[1]:] if out else mask, rows, model.dtype)
+            m, row_mask = _prepare_cross_attention_mask(mask[:, -ids.shape[1]:], rows, model.dtype)
             h = lm(input_ids=ids, cross_attention_states=None if out else cross, cross_attention_mask=m,
                    full_text_row_masked_out_mask=row_mask, cache=cache, use_cache=True).last_hidden_state
             ids = model.lm_head(h[:, -1:]).argmax(-1)  # [1, 1]
@@ -55,12 +72,39 @@ def hf_compressed_tokens(exp, prompt, images, pooled: tuple[int, int], new_token
     return out
 
 
-@pytest.mark.parametrize("case, k, pooled", [("photo", 1, (1, 1)), ("two images", 2, (2, 1))])
-def test_pooled_generation_equals_hf(exp, case, k, pooled):
+def hf_compressed_tokens(exp, prompt, images, compress, new_tokens: int) -> list[int]:
+    """HF's tiles compressed by `compress(patches [P-1, Cvo], scores [P-1])` -> [K, Cvo], each tile's [CLS] row kept."""
+    inputs, states, scores = hf_vision(exp, prompt, images)
+    kept = np.stack([np.concatenate([t[:1], compress(t[1:], s)]) for t, s in zip(states, scores)])  # [I*T, 1+K, Cvo]
+    return hf_tokens(exp, inputs, kept, new_tokens)
+
+
+REFERENCES = {"pool": lambda k: lambda x, s: torch_pool(x, GRID, {1: (1, 1), 2: (2, 1), 4: GRID}[k]),
+              "topk": lambda k: lambda x, s: torch_topk(x, s, k),
+              "merge": lambda k: lambda x, s: torch_visionzip(x, s, k - 1, 1)}
+
+
+@pytest.mark.parametrize("case, method, k", [("photo", "pool", 1), ("two images", "pool", 2), ("photo", "topk", 2),
+                                             ("two images", "topk", 1), ("two images", "merge", 2)])
+def test_compressed_generation_equals_hf(exp, case, method, k):
     prompt, images = CASES[case]
-    vlm = VLM.load(exp.artifact, visual_tokens=k)
+    vlm = VLM.load(exp.artifact, visual_tokens=k, compression=method)
     got = vlm.generate(prompt, images(), max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
-    assert got == hf_compressed_tokens(exp, prompt, images(), pooled, NEW_TOKENS)
+    assert got == hf_compressed_tokens(exp, prompt, images(), REFERENCES[method](k), NEW_TOKENS)
+
+
+def test_attention_scores_equal_hf_eager_attention(exp):
+    """The vision graph's attention_scores: HF's own attention probabilities (output of the last layer's
+    eager attention), each tile's [CLS] row over its patches."""
+    prompt, images = CASES["two images"]
+    inputs, states, want = hf_vision(exp, prompt, images())
+    vlm = VLM.load(exp.artifact)
+    i, t = inputs["aspect_ratio_ids"].shape[1], inputs["aspect_ratio_mask"].shape[2]
+    out = vlm.runners["vision"].run({"pixel_values": inputs["pixel_values"][0].numpy(),
+                                     "aspect_ratio_ids": inputs["aspect_ratio_ids"][0].numpy(),
+                                     "aspect_ratio_mask": inputs["aspect_ratio_mask"][0].numpy()})
+    np.testing.assert_allclose(out["vision_states"].reshape(states.shape), states, atol=1e-4)
+    np.testing.assert_allclose(out["attention_scores"].reshape(i * t, -1), want, atol=1e-5)
 
 
 def test_cross_kv_rows_and_plan_equal_the_runtime(exp):
@@ -95,8 +139,7 @@ def test_bad_options_name_what_is_allowed(exp):
 
     cases = [(dict(visual_tokens=5), r"5 is more than an image's 4 visual tokens \(2x2\); allowed: 1\.\.4"),
              (dict(visual_tokens=3), r"pool cannot make 3 tokens from a 2x2 grid"),
-             (dict(visual_tokens=2, compression="topk"), r"mllama family cannot apply visual-token compression 'topk' "
-                                                         r"\(its vision graph gives no attention scores.*takes: pool")]
+             (dict(visual_tokens=2, compression="zip"), r"'zip' is not known; allowed: pool, topk, merge")]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             VLM.load(exp.artifact, **kwargs)
@@ -137,5 +180,5 @@ def test_the_reference_keeping_every_patch_is_hf_generate(exp):
 
     prompt, images = CASES["two images"]
     want = hf_generate_batch(exp, [prompt], [images()], NEW_TOKENS)[0]
-    assert hf_compressed_tokens(exp, prompt, images(), GRID, NEW_TOKENS) == want
-    assert hf_compressed_tokens(exp, prompt, images(), (1, 1), NEW_TOKENS) != want  # what is dropped matters
+    assert hf_compressed_tokens(exp, prompt, images(), REFERENCES["pool"](4), NEW_TOKENS) == want
+    assert hf_compressed_tokens(exp, prompt, images(), REFERENCES["pool"](1), NEW_TOKENS) != want  # what is dropped matters

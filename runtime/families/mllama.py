@@ -10,8 +10,10 @@
     as HF skips them.
 
 Visual-token compression acts on each tile's P = 1 + h*w vision rows: the [CLS] row stays (the tile's one
-summary row, which every tile's global attention was trained to carry) and the h x w patch grid becomes K
-rows (pool), so the cross K/V hold T x (1 + K) rows per image. `--visual-tokens` counts the patch rows.
+summary row, which the cross-attention layers were trained to read beside the patches) and the h x w patch
+grid becomes K rows (pool; topk/merge rank patches by the tile's [CLS] attention in the tower's last
+layer, the vision graph's attention_scores [N, T, h*w]), so the cross K/V hold T x (1 + K) rows per image.
+`--visual-tokens` counts the patch rows.
 The prompt is unchanged (one <|image|> per image): the saving is the cross K/V and every cross layer's
 attention over them, not the context.
 """
@@ -24,9 +26,9 @@ from dataclasses import replace
 import numpy as np
 
 from .. import mllama
-from ..compress import Compression
+from ..compress import METHODS, Compression
 from ..generate import DecoderContext
-from .base import Family, ImageTokens, MediaItem
+from .base import SCORES, Family, ImageTokens, MediaItem
 
 STATIC_ROWS = ("this artifact's cross_kv and decoder graphs fix the rows per tile (exported before the rows per tile "
                "became the dynamic dim tile_rows); re-export it with this vlmdeploy to compress")
@@ -35,9 +37,7 @@ STATIC_ROWS = ("this artifact's cross_kv and decoder graphs fix the rows per til
 class Mllama(Family):
     name = "mllama"
     media_in_prompt = False
-    compression_methods = ("pool",)
-    compression_refusal = ("its vision graph gives no attention scores to rank a tile's patches by: the rows it keeps "
-                           "are each tile's [CLS] row and the patch grid pooled")
+    compression_methods = METHODS  # topk/merge: each tile's [CLS] attention to its patches (attention_scores)
 
     def configure(self, preprocess: dict) -> None:
         self.params = mllama.MllamaParams.from_dict(preprocess)
@@ -93,12 +93,13 @@ class Mllama(Family):
         packed = mllama.pack_images(rows, self.max_tiles, num_images)
         b, n = packed.aspect_ratio_ids.shape
         vision, cross_kv = self.facts.pipeline["image"]
-        states = run(vision, {
+        out = run(vision, {
             "pixel_values": packed.pixel_values.reshape(b * n, *packed.pixel_values.shape[2:]).astype(self.facts.dims.dtype),
             "aspect_ratio_ids": packed.aspect_ratio_ids.reshape(-1),
-            "aspect_ratio_mask": packed.aspect_ratio_mask.reshape(b * n, -1)})["vision_states"]  # [B*I, T, P, Cvo]
-        if self.compression is not None:
-            states = compress_tiles(self.compression, states)  # [B*I, T, 1 + K, Cvo]
+            "aspect_ratio_mask": packed.aspect_ratio_mask.reshape(b * n, -1)})
+        states = out["vision_states"]  # [B*I, T, P, Cvo]
+        if self.compression is not None:  # scores [B*I, T, P-1] per patch (vision graphs exported with them)
+            states = compress_tiles(self.compression, states, out.get(SCORES))  # [B*I, T, 1 + K, Cvo]
         return run(cross_kv, {"vision_states": states.reshape(b, n, *states.shape[1:])})
 
     def _zero_kv(self, batch: int) -> dict[str, np.ndarray]:
@@ -149,13 +150,16 @@ def patch_grid(tokens_per_tile: int) -> tuple[int, int]:
     return side, side
 
 
-def compress_tiles(compression: Compression, states: np.ndarray) -> np.ndarray:
-    """states [N, T, 1 + h*w, C] -> [N, T, 1 + K, C]: each tile's [CLS] row, then its patch grid compressed.
-    Padded tiles and empty image slots are compressed too; the cross-attention mask never reads them."""
+def compress_tiles(compression: Compression, states: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+    """states [N, T, 1 + h*w, C] (scores [N, T, h*w] per patch) -> [N, T, 1 + K, C]: each tile's [CLS] row,
+    then its patch grid compressed. Padded tiles and empty image slots are compressed the same way: a text
+    row that reads no tile attends evenly to every row (HF's mask; only its MLP output is masked out), so
+    their rows matter. Their scores are all 0 and topk keeps the earliest patches (ties: the earlier)."""
     n, t, p, c = states.shape
     grid = patch_grid(p)
     tiles = states.reshape(n * t, p, c)
-    kept = np.stack([compression.apply(tile[1:], grid)[0] for tile in tiles])  # [N*T, K, C]
+    tile_scores = [None] * (n * t) if scores is None else scores.reshape(n * t, p - 1)
+    kept = np.stack([compression.apply(tile[1:], grid, s)[0] for tile, s in zip(tiles, tile_scores)])  # [N*T, K, C]
     return np.concatenate([tiles[:, :1], kept], axis=1).reshape(n, t, -1, c)
 
 
