@@ -5,10 +5,14 @@ through their own K/V instead of to the context.
     tiles [N,T,3,t,t] + aspect_ratio_ids [N] + aspect_ratio_mask [N,T]  (runtime/mllama.py; N = B * I slots)
       -> vision (patch conv, gated tile/position embeddings, local layers, gated global layers,
                  intermediate layers concatenated) -> vision_states [N,T,P,Cvo]
-      -> host: [B,I,T,P,Cvo] -> cross_kv (projector, each cross layer's k_proj/k_norm and v_proj; once per
-                 request) -> cross_key_values.{j}.key/value [B,Hkv,I,T*P,D]
+      -> host: [B,I,T,P,Cvo] (visual-token compression: each tile's rows to P' = [CLS] + K patches)
+      -> cross_kv (projector, each cross layer's k_proj/k_norm and v_proj; once per request)
+      -> cross_key_values.{j}.key/value [B,Hkv,I,T,P',D]
     decoder: (embeds, mask, positions, cross_attention_mask [B,S,I,T], past self-attention K/V...,
               cross K/V...) -> logits, present self-attention K/V...   (the cross K/V are inputs only)
+
+The rows per tile are the dynamic dim `tile_rows` of cross_kv and the decoder (P out of the vision graph;
+fewer under compression): the decoder expands each tile's mask entry to the rows its K/V has.
 
 A batch with no image at all gets one image slot of zero K/V and an all-zero cross-attention mask: each
 cross layer is then exactly the identity (attention over zero values is 0, o_proj has no bias, the MLP
@@ -48,22 +52,57 @@ def cross_layers(text) -> tuple[list[int], list[int]]:
 
 
 class MllamaVisionGraph(nn.Module):
-    """(pixel_values [N,T,3,t,t], aspect_ratio_ids [N], aspect_ratio_mask [N,T]) -> vision_states [N,T,P,Cvo]:
-    HF's vision model with each image slot as its own prompt (it flattens prompts x images anyway)."""
+    """(pixel_values [N,T,3,t,t], aspect_ratio_ids [N], aspect_ratio_mask [N,T]) -> vision_states [N,T,P,Cvo],
+    attention_scores [N,T,P-1]: HF's vision model with each image slot as its own prompt (it flattens
+    prompts x images anyway), and what the last layer's attention gives each tile's patches (`patch_scores`;
+    its input is caught on the way, so the tower runs once)."""
 
     def __init__(self, vision_model: nn.Module):
         super().__init__()
         self.vision_model = vision_model
+        self.last_attn = last_vision_layer(vision_model).self_attn
 
     def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-        out = self.vision_model(pixel_values=pixel_values[:, None], aspect_ratio_ids=aspect_ratio_ids[:, None],
-                                aspect_ratio_mask=aspect_ratio_mask[:, None]).last_hidden_state  # [N,1,T,P,Cvo]
-        return out[:, 0]
+        seen = {}  # the last layer's attention input: normed hidden states [N,S,C], additive mask [N,1,S,S]
+
+        def catch(module, args, kwargs):
+            seen.update(h=args[0], mask=kwargs["attention_mask"])
+
+        hook = self.last_attn.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            out = self.vision_model(pixel_values=pixel_values[:, None], aspect_ratio_ids=aspect_ratio_ids[:, None],
+                                    aspect_ratio_mask=aspect_ratio_mask[:, None]).last_hidden_state  # [N,1,T,P,Cvo]
+        finally:
+            hook.remove()
+        t, p = out.shape[2:4]
+        return out[:, 0], patch_scores(self.last_attn, seen["h"], seen["mask"], t, p).to(out.dtype)
+
+
+def last_vision_layer(vision_model: nn.Module) -> nn.Module:
+    """The tower's last layer: the last gated global layer (the local ones where there is none)."""
+    return (list(vision_model.global_transformer.layers) or list(vision_model.transformer.layers))[-1]
+
+
+def patch_scores(attn: nn.Module, h, mask, tiles: int, rows: int) -> torch.Tensor:
+    """[N, T, P-1]: each tile's [CLS] attention to its own tile's patches in one layer, head-averaged
+    (FasterVLM's [CLS] ranking, per tile; softmax in fp32 as HF's eager). Only the T [CLS] query rows are
+    computed, not the whole S x S attention.
+
+        h [N, S, C] (S = T x Pp, Pp = P + padding to 8) -> q at each tile's [CLS] [N,H,T,D], k [N,H,S,D]
+          -> softmax(q k^T * scale + mask's [CLS] rows) -> mean over heads [N, T, S] -> [N, T(query), T(key), Pp]
+          -> the diagonal (a tile's own keys) [N, T, Pp] -> its patches 1..P-1"""
+    n, s, _ = h.shape
+    pp = s // tiles
+    k = attn.k_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [N, H, S, D]
+    q = attn.q_proj(h[:, ::pp]).view(n, tiles, attn.num_heads, attn.head_dim).transpose(1, 2)  # [N, H, T, D]
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling + mask[:, :, ::pp]  # [N, H, T, S]
+    probs = torch.softmax(logits.float(), dim=-1).mean(1).view(n, tiles, tiles, pp)
+    return torch.diagonal(probs, dim1=1, dim2=2).transpose(1, 2)[..., 1:rows]  # [N, T, P-1]
 
 
 class CrossKVGraph(nn.Module):
-    """vision_states [B,I,T,P,Cvo] -> per cross layer (k_norm(k_proj(x)), v_proj(x)), each [B,Hkv,I,T*P,D],
-    x = projector(vision_states) in HF's (image, tile, patch) order."""
+    """vision_states [B,I,T,P,Cvo] -> per cross layer (k_norm(k_proj(x)), v_proj(x)), each [B,Hkv,I,T,P,D],
+    x = projector(vision_states) in HF's (image, tile, row) order; P: any rows per tile."""
 
     def __init__(self, projector: nn.Module, text_model: nn.Module, text_config):
         super().__init__()
@@ -73,40 +112,40 @@ class CrossKVGraph(nn.Module):
 
     def forward(self, vision_states):
         b, i, t, p, _ = vision_states.shape
-        x = self.projector(vision_states).reshape(b, i * t * p, -1)  # [B, I*T*P, C]
+        x = self.projector(vision_states)  # [B, I, T, P, C]
         out = []
         for attn in self.attns:
-            k = attn.k_norm(attn.k_proj(x).view(b, i, t * p, self.kv_heads, self.head_dim).permute(0, 3, 1, 2, 4))
-            v = attn.v_proj(x).view(b, i, t * p, self.kv_heads, self.head_dim).permute(0, 3, 1, 2, 4)
-            out += [k, v]  # [B, Hkv, I, T*P, D]
+            k = attn.k_norm(attn.k_proj(x).view(b, i, t, p, self.kv_heads, self.head_dim).permute(0, 4, 1, 2, 3, 5))
+            v = attn.v_proj(x).view(b, i, t, p, self.kv_heads, self.head_dim).permute(0, 4, 1, 2, 3, 5)
+            out += [k, v]  # [B, Hkv, I, T, P, D]
         return tuple(out)
 
 
 class MllamaDecoderGraph(nn.Module):
     """(inputs_embeds [B,S,C], attention_mask [B,P+S], position_ids [B,S], cross_attention_mask [B,S,I,T],
-    past self-attention k/v [B,Hkv,P,D]..., cross k/v [B,Hkv,I,T*P,D]...) -> logits [B,S,V], present
+    past self-attention k/v [B,Hkv,P,D]..., cross k/v [B,Hkv,I,T,R,D]...) -> logits [B,S,V], present
     self-attention k/v [B,Hkv,P+S,D]... HF's text model with a DynamicCache that holds the past at the
     self-attention layers and the cross K/V at the cross-attention layers (as HF's cache does after the
-    first step), and the cross-attention mask turned into HF's two masks."""
+    first step), and the cross-attention mask turned into HF's two masks, each tile's entry repeated
+    for its R rows (R: the cross K/V's, so compressed tiles work as whole ones)."""
 
-    def __init__(self, text_model: nn.Module, lm_head: nn.Module, text_config, tokens_per_tile: int):
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, text_config):
         super().__init__()
-        self.text_model, self.lm_head, self.tokens_per_tile = text_model, lm_head, tokens_per_tile
+        self.text_model, self.lm_head = text_model, lm_head
         self.self_layers, self.cross_layers = cross_layers(text_config)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, cross_attention_mask, *kv):
         from transformers import DynamicCache
-        from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 
         n_self = len(self.self_layers)
         past, cross = kv[: 2 * n_self], kv[2 * n_self:]
         by_layer = {**{l: past[2 * i: 2 * i + 2] for i, l in enumerate(self.self_layers)},
-                    **{l: [t.flatten(2, 3) for t in cross[2 * j: 2 * j + 2]] for j, l in enumerate(self.cross_layers)}}
+                    **{l: [t.flatten(2, 4) for t in cross[2 * j: 2 * j + 2]] for j, l in enumerate(self.cross_layers)}}
         cache = DynamicCache()
         for layer in range(len(by_layer)):
             cache.update(*by_layer[layer], layer)
-        mask, row_mask = _prepare_cross_attention_mask(cross_attention_mask.to(inputs_embeds.dtype), self.tokens_per_tile,
-                                                        inputs_embeds.dtype)  # 0/1 as floats: HF's 1.0 - mask
+        mask, row_mask = cross_attention_masks(cross_attention_mask.to(inputs_embeds.dtype), cross[0].shape[4],
+                                               inputs_embeds.dtype)
         out = self.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                               cross_attention_mask=mask, full_text_row_masked_out_mask=row_mask, cache=cache,
                               use_cache=True)
@@ -114,16 +153,32 @@ class MllamaDecoderGraph(nn.Module):
         return (self.lm_head(out.last_hidden_state), *present)
 
 
+def cross_attention_masks(cross_attention_mask, rows, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cross_attention_mask [B,S,I,T] (0/1) -> HF's (additive mask [B,1,S,I*T*R], row mask [B,1,S,1]): HF's
+    `_prepare_cross_attention_mask` with each tile's entry repeated for its `rows` K/V rows by an expand
+    (a traced dim, where HF's repeat_interleave takes a fixed count)."""
+    b, s, i, t = cross_attention_mask.shape
+    mask = cross_attention_mask[..., None].expand(b, s, i, t, rows).reshape(b, s, -1)[:, None]  # [B,1,S,I*T*R]
+    inverted = (1.0 - mask).to(dtype)
+    lowest = torch.finfo(dtype).min
+    additive = inverted.masked_fill(inverted.to(torch.bool), lowest)
+    row_mask = (additive != lowest).any(dim=-1).type_as(additive)[..., None]  # [B,1,S,1]: reads any row
+    return additive * row_mask, row_mask
+
+
 def mllama_graph_specs(d: ModelDims, num_cross: int, max_tiles: int) -> dict[str, GraphSpec]:
-    """vision, cross_kv, embed and the portable decoder (with the cross K/V and mask as inputs)."""
+    """vision, cross_kv, embed and the portable decoder (with the cross K/V and mask as inputs); the
+    rows per tile of cross_kv and the decoder are `tile_rows` (d.vision_tokens uncompressed)."""
     f, t, p = d.dtype, max_tiles, d.vision_tokens
     vision = GraphSpec("vision", inputs=(
         TensorSpec("pixel_values", f, ("num_images", t, 3, *d.image_size)),
         TensorSpec("aspect_ratio_ids", "int64", ("num_images",)),
         TensorSpec("aspect_ratio_mask", "int64", ("num_images", t)),
-    ), outputs=(TensorSpec("vision_states", f, ("num_images", t, p, d.vision_hidden)),))
-    cross = tuple(TensorSpec(n, f, ("batch", d.kv_heads, "images", t * p, d.head_dim)) for n in cross_kv_names(num_cross))
-    cross_kv = GraphSpec("cross_kv", inputs=(TensorSpec("vision_states", f, ("batch", "images", t, p, d.vision_hidden)),),
+    ), outputs=(TensorSpec("vision_states", f, ("num_images", t, p, d.vision_hidden)),
+                TensorSpec("attention_scores", f, ("num_images", t, p - 1))))
+    cross = tuple(TensorSpec(n, f, ("batch", d.kv_heads, "images", t, "tile_rows", d.head_dim))
+                  for n in cross_kv_names(num_cross))
+    cross_kv = GraphSpec("cross_kv", inputs=(TensorSpec("vision_states", f, ("batch", "images", t, "tile_rows", d.vision_hidden)),),
                          outputs=cross)
     embed = GraphSpec("embed", inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
                       outputs=(TensorSpec("inputs_embeds", f, ("batch", "seq", d.hidden)),))
@@ -199,7 +254,7 @@ class MllamaExport(LlavaStyleExport):
             facts,
             media={"image": dataclasses.replace(facts.media["image"], placeholder=placeholder)},
             pipeline={"image": ["vision", "cross_kv"], "embed": "embed", "decoders": ["decoder"]},
-            limits={**facts.limits, "images": None})
+            limits={**facts.limits, "images": None, "tile_rows": facts.family_params["tokens_per_tile"]})
 
     def kv_layers(self, text) -> tuple:
         """Only the self-attention layers hold context K/V (the cross layers' K/V are per request, not per token)."""
@@ -221,9 +276,7 @@ class MllamaExport(LlavaStyleExport):
         }
 
     def decoder_module(self, model) -> nn.Module:
-        v = model.config.vision_config
-        return MllamaDecoderGraph(model.model.language_model, model.lm_head, model.config.get_text_config(),
-                                  (v.image_size // v.patch_size) ** 2 + 1).eval()
+        return MllamaDecoderGraph(model.model.language_model, model.lm_head, model.config.get_text_config()).eval()
 
     def text_parts(self, model):
         return model.model.language_model, model.lm_head, model.config.get_text_config()
@@ -238,10 +291,10 @@ class MllamaExport(LlavaStyleExport):
 
     def validation_dims(self, name: str, spec: GraphSpec) -> list[dict]:
         dims = super().validation_dims(name, spec)
-        if name == "decoder":
-            return [{**d, "images": i} for d, i in zip(dims, (1, 2, 1, 3))]
+        if name == "decoder":  # tile_rows: any count (compressed tiles have fewer rows than the vision graph's)
+            return [{**d, "images": i, "tile_rows": r} for d, i, r in zip(dims, (1, 2, 1, 3), (3, 2, 1, 5))]
         if name == "cross_kv":
-            return [{"batch": 1, "images": 1}, {"batch": 2, "images": 3}]
+            return [{"batch": 1, "images": 1, "tile_rows": 5}, {"batch": 2, "images": 3, "tile_rows": 2}]
         return dims
 
     def sample_feeds(self, name: str, spec: GraphSpec, dims: dict, facts, rng) -> dict:
@@ -262,7 +315,7 @@ class MllamaExport(LlavaStyleExport):
 
 
 def _hf_cross_cache(model, vision_states: torch.Tensor) -> list[np.ndarray]:
-    """vision_states [B,I,T,P,Cvo] -> each cross layer's cached (keys, values) after HF's first pass, [B,Hkv,I,T*P,D]."""
+    """vision_states [B,I,T,P,Cvo] -> each cross layer's cached (keys, values) after HF's first pass, [B,Hkv,I,T,P,D]."""
     from transformers import DynamicCache
 
     b, i, t, p, _ = vision_states.shape
@@ -272,7 +325,7 @@ def _hf_cross_cache(model, vision_states: torch.Tensor) -> list[np.ndarray]:
         cache, out = DynamicCache(), []
         for layer in cross_layers(text)[1]:
             model.model.language_model.layers[layer].cross_attn(torch.zeros(b, 1, text.hidden_size), states, cache=cache)
-            out += [x.reshape(b, x.shape[1], i, t * p, x.shape[-1]).numpy() for x in (cache.layers[layer].keys, cache.layers[layer].values)]
+            out += [x.reshape(b, x.shape[1], i, t, p, x.shape[-1]).numpy() for x in (cache.layers[layer].keys, cache.layers[layer].values)]
     return out
 
 

@@ -542,7 +542,7 @@ def plan_artifact(directory: str | Path, workload: Workload = Workload(), dtype:
 
 def _request_kv_lines(family, facts, w: Workload) -> list[Line]:
     """K/V the decoder reads besides the context cache (mllama's cross-attention K/V), counted apart from it."""
-    extra = family.request_kv(facts, w.images, w.batch)
+    extra = family.request_kv(facts, w.images, w.batch, w.compression)
     return [] if extra is None else [Line("cross-attention K/V", extra[0], None, extra[1])]
 
 

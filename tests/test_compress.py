@@ -31,15 +31,21 @@ def torch_pool(x: np.ndarray, grid, out) -> np.ndarray:
 
 
 def torch_topk(x: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    keep = torch.topk(torch.from_numpy(scores), k).indices.sort().values
+    keep = stable_top(torch.from_numpy(scores), k).sort().values
     return torch.from_numpy(x)[keep].numpy()
+
+
+def stable_top(s: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest along the last axis, ties to the earlier (torch.topk leaves ties unspecified; mllama's
+    padded tiles score all 0)."""
+    return torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def torch_visionzip(x: np.ndarray, scores: np.ndarray, dominant: int, contextual: int) -> np.ndarray:
     """VisionZip's merge (github.com/dvlab-research/VisionZip, `visionzip/clip_encoder.py`) in its own
     tensor form, with the contextual token the mean of its group (target + the tokens assigned to it)."""
     h, s = torch.from_numpy(x)[None], torch.from_numpy(scores)[None]  # [1, T, C], [1, T]
-    top = s.topk(dominant, dim=1).indices.sort(dim=1).values
+    top = stable_top(s, dominant).sort(dim=1).values
     mask = torch.ones_like(s, dtype=torch.bool).scatter_(1, top, False)
     kept = h.gather(1, top[..., None].expand(-1, -1, h.shape[-1]))
     rest = h.masked_select(mask[..., None]).view(1, -1, h.shape[-1])  # [1, R, C]
@@ -298,21 +304,23 @@ def test_qwen2_vl_plan_counts_compressed_video_as_the_runtime(exported_factory):
     assert row.tokens == video.num_tokens == row.tiles * row.tokens_per_tile < vlm.family.prepare_video(frames, fps=2.0).num_tokens
 
 
-def test_mllama_refuses_because_its_graphs_fix_the_rows_per_tile():
-    """The refusal's reason holds: in mllama's graph specs the rows per tile (P) are a static dimension of
-    cross_kv's input and of the decoder's cross K/V (so no row count but the export's can go in)."""
+def test_mllama_graphs_take_any_rows_per_tile():
+    """mllama's rows per tile are the dynamic dim tile_rows of cross_kv's input and of the decoder's cross K/V,
+    bounded by the vision graph's P in the manifest limits (TensorRT's profile range); generation with
+    compressed tiles: tests/test_compress_mllama.py."""
     from vlmdeploy.export.mllama import cross_kv_names, mllama_graph_specs
     from vlmdeploy.runtime.spec import ModelDims
+    from vlmdeploy.runtime.tensorrt.profiles import Limits, derive_profiles
 
     dims = ModelDims((28, 28), 5, 16, 32, 300, 4, 2, 8, "float32")
     specs = mllama_graph_specs(dims, num_cross=2, max_tiles=4)
-    assert specs["cross_kv"].inputs[0].shape == ("batch", "images", 4, 5, 16)
+    assert specs["vision"].outputs[0].shape == ("num_images", 4, 5, 16)
+    assert specs["cross_kv"].inputs[0].shape == ("batch", "images", 4, "tile_rows", 16)
     decoder_kv = {t.name: t.shape for t in specs["decoder"].inputs}
-    assert all(decoder_kv[n][3] == 4 * 5 for n in cross_kv_names(2))
-    mllama = family_class("mllama")
-    with pytest.raises(ValueError, match=r"the mllama family cannot apply visual-token compression 'pool' \(its image "
-                                         r"tokens are cross-attention K/V rows.*P = tokens_per_tile a static dimension"):
-        mllama.refuse(Compression("pool", keep=4), mllama.compression_methods)
+    assert all(decoder_kv[n] == ("batch", 2, "images", 4, "tile_rows", 8) for n in cross_kv_names(2))
+    limits = Limits(max_batch=2, max_images=2, max_context=32, max_input=32, typical_input=8, tile_rows=5)
+    for profile in derive_profiles(specs["decoder"], limits):
+        assert (profile.dims["tile_rows"].min, profile.dims["tile_rows"].max) == (1, 5)
 
 
 def test_server_vision_cache_never_reuses_another_compressions_embeds(tiny_llava):

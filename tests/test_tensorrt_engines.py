@@ -75,7 +75,7 @@ def test_build_writes_engines_and_the_manifest_section(artifact):
     assert (engines["tensorrt_version"], engines["gpu"], engines["compute_capability"], engines["precision"]) == (
         "10.7.0", "NVIDIA Test GPU", "9.0", "fp32")
     assert engines["limits"] == {"max_batch": 2, "max_images": 4, "max_context": 256, "max_input": 256, "typical_input": 80,
-                                 "rows_per_image": 1}
+                                 "rows_per_image": 1, "tile_rows": 1}
     decoder = engines["graphs"]["decoder"]
     assert decoder["onnx"] == "decoder.onnx" and decoder["onnx_sha256"] == before["files"]["decoder.onnx"]["sha256"]
     assert decoder["sha256"] == sha256_file(artifact / "engines/decoder.plan")

@@ -240,10 +240,11 @@ class Family:
         return []
 
     @classmethod
-    def request_kv(cls, facts: ModelFacts, images: int, batch: int) -> tuple[int, str] | None:
+    def request_kv(cls, facts: ModelFacts, images: int, batch: int,
+                   compression: Compression | None = None) -> tuple[int, str] | None:
         """(bytes, how) of K/V the decoder reads besides the context cache, held once per request and
-        not growing with the context (mllama: every cross-attention layer's K/V of the vision states);
-        None: the family has none."""
+        not growing with the context (mllama: every cross-attention layer's K/V of the vision states,
+        `compression`'s kept rows); None: the family has none."""
         return None
 
     @classmethod

@@ -10,7 +10,8 @@ in disjoint shape regimes:
 
 Every other graph gets one profile over its dims (vision: num_images 1..max_images x rows_per_image,
 the rows one image takes: 1 for LLaVA, base + tiles for LLaVA-NeXT; Qwen2-VL's num_units likewise,
-rows_per_image being the merged units of the largest image). Dim names and their limits come
+rows_per_image being the merged units of the largest image; mllama's tile_rows 1..the vision graph's
+rows per tile, fewer under visual-token compression). Dim names and their limits come
 from the manifest, so no family has code here.
 """
 
@@ -36,6 +37,7 @@ class Limits:
     max_input: int  # prompt tokens in one prefill
     typical_input: int  # the prefill length TensorRT tunes for (profile opt)
     rows_per_image: int = 1  # vision-graph rows one image takes at most (manifest limits; LLaVA-NeXT: 1 + tiles)
+    tile_rows: int = 1  # cross K/V rows per tile at most (manifest limits; mllama: the vision graph's, uncompressed)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -53,8 +55,9 @@ class Limits:
             raise ValueError(f"max_context {max_context} > the model's context length {facts.context_length}")
         max_input = max_input or max_context
         typical = min(max_input, facts.tokens_per_image + 64)  # one image and a short question
-        rows = dict(getattr(facts, "limits", None) or {}).get("rows_per_image", 1)
-        return cls(max_batch, max_images, max_context, max_input, typical, rows)
+        limits = dict(getattr(facts, "limits", None) or {})
+        return cls(max_batch, max_images, max_context, max_input, typical, limits.get("rows_per_image", 1),
+                   limits.get("tile_rows") or 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +121,8 @@ def _dim_ranges(limits: Limits) -> dict[str, DimRange]:
         "num_units": DimRange(1, limits.rows_per_image, limits.max_images * limits.rows_per_image),
         # mllama: image slots of one batch row (the cross K/V and cross-attention mask; text only: 1 zero slot)
         "images": DimRange(1, 1, limits.max_images),
+        # mllama: cross K/V rows per tile, 1 + K under visual-token compression (opt: uncompressed)
+        "tile_rows": DimRange(1, limits.tile_rows, limits.tile_rows),
         "batch": DimRange(1, 1, limits.max_batch),
         "seq": DimRange(1, limits.typical_input, limits.max_input),
     }
