@@ -114,6 +114,12 @@ def pool_grid(grid: Grid, k: int) -> Grid:
     return min(pairs, key=lambda p: (h % p[0] != 0 or w % p[1] != 0, abs(np.log(p[0] / p[1] * w / h)), -p[0]))
 
 
+def pool_bin_starts(grid: Grid, out: Grid) -> np.ndarray:
+    """[oh * ow]: the row-major index in `grid` of each pooled bin's first (top-left) token."""
+    h, w = grid
+    return np.array([(i * h // out[0]) * w + j * w // out[1] for i in range(out[0]) for j in range(out[1])], np.int64)
+
+
 def adaptive_avg_pool(x: np.ndarray, out: Grid) -> np.ndarray:
     """x [h, w, C] -> [oh, ow, C]: torch's adaptive_avg_pool2d (bin i spans floor(i*h/oh)..ceil((i+1)*h/oh))."""
     h, w = x.shape[:2]

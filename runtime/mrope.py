@@ -64,10 +64,11 @@ def _grid_positions(start: int, span: MediaSpan, merge: int) -> np.ndarray:
 
 
 def left_pad_positions(rows: list[np.ndarray], width: int) -> np.ndarray:
-    """Per-row positions [3, S_i] -> [3, B, width], zeros at the left pads (as HF fills them)."""
-    out = np.zeros((3, len(rows), width), dtype=np.int64)
+    """Per-row positions [3, S_i] (or 1-D schemes' [S_i]) -> [3, B, width] ([B, width]), zeros at the
+    left pads (as HF fills them)."""
+    out = np.zeros((*rows[0].shape[:-1], len(rows), width), dtype=np.int64)
     for b, r in enumerate(rows):
-        out[:, b, width - r.shape[1]:] = r
+        out[..., b, width - r.shape[-1]:] = r
     return out
 
 

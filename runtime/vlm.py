@@ -216,7 +216,7 @@ class VLM:
         vision_s += time.perf_counter() - t0
         positions = [self.family.prompt_positions(row, its) for row, its in zip(ids, items)]
         if any(p is not None for p in positions):
-            batch.positions = left_pad_positions(positions, batch.mask.shape[1])  # [3, B, S]
+            batch.positions = left_pad_positions(positions, batch.mask.shape[1])  # [3, B, S] (M-RoPE) or [B, S]
         return batch, [len(r) for r in ids], vision_s
 
     def _media_items(self, request: _Request) -> list[MediaItem]:

@@ -140,16 +140,32 @@ def test_attention_scores_equal_hf_output_attentions(exported_factory, name, cls
 # ---- prompts and generation -------------------------------------------------------------------------
 
 
-def _hf_tokens(exp, image, kept: np.ndarray, new_tokens: int) -> list[int]:
-    """HF generate on inputs_embeds: the prompt with len(kept) image tokens holding `kept` [K, C]."""
+def _hf_tokens(exp, image, kept: np.ndarray, new_tokens: int, kept_at: list[int] | None = None,
+               full_tokens: int = 16) -> list[int]:
+    """HF generate on inputs_embeds: the prompt with len(kept) image tokens holding `kept` [K, C].
+    `kept_at`: each kept token's index among the image's `full_tokens`; then the prompt takes the
+    positions it has uncompressed (text after the image continues as if all were there), and the
+    reference is HF's forward with those position_ids, greedy, one token at a time."""
     tok, model = exp.processor.tokenizer, exp.model
     ids = torch.tensor([tok(LLAVA.replace("<image>", "<image>" * len(kept)))["input_ids"]])
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
-        embeds[ids == model.config.image_token_id] = torch.from_numpy(kept)
-        out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=None)
-    return out[0, -new_tokens:].tolist()
+        image = ids[0] == model.config.image_token_id
+        embeds[0, image] = torch.from_numpy(kept)
+        if kept_at is None:
+            out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None)
+            return out[0, -new_tokens:].tolist()
+        s0, after = int(image.nonzero()[0]), int(image.nonzero()[-1]) + 1
+        positions = torch.cat([torch.arange(s0), s0 + torch.tensor(kept_at),
+                               s0 + full_tokens + torch.arange(ids.shape[1] - after)])[None]
+        tokens, past = [], None
+        for _ in range(new_tokens):
+            out = model(inputs_embeds=embeds, position_ids=positions, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            embeds, positions = model.get_input_embeddings()(torch.tensor([[token]])), positions[:, -1:] + 1
+    return tokens
 
 
 @pytest.mark.parametrize("method, k", [("pool", 4), ("topk", 6), ("merge", 5)])
@@ -172,7 +188,22 @@ def test_llava_generation_with_k_tokens_equals_hf(tiny_llava, method, k):
     x, scores = feats.numpy(), probs.mean(1)[0, 0, 1:].numpy()
     kept = {"pool": lambda: torch_pool(x, (4, 4), (2, 2)), "topk": lambda: torch_topk(x, scores, k),
             "merge": lambda: torch_visionzip(x, scores, k - 1, 1)}[method]()
-    assert got.token_ids == _hf_tokens(exp, image, kept, 8)
+    # pool: each pooled token at its 2x2 bin's first position of the 4x4 grid; topk/merge: renumbered
+    assert got.token_ids == _hf_tokens(exp, image, kept, 8, kept_at=[0, 2, 8, 10] if method == "pool" else None)
+
+
+def test_llava_pooled_positions_keep_the_uncompressed_layout(tiny_llava):
+    """pool 4 of 16: the image's tokens sit at its bins' first positions and the text after it where it
+    would be uncompressed; a left-padded batch with a text-only row gives each row's answer alone."""
+    vlm = VLM.load(tiny_llava.artifact, visual_tokens=4, compression="pool")
+    ids = vlm.text.encode(LLAVA.replace("<image>", "<image>" * 4))
+    s0 = ids.index(vlm.facts.media["image"].token_id)
+    want = [*range(s0), *(s0 + np.array([0, 2, 8, 10])), *range(s0 + 16, s0 + 16 + len(ids) - s0 - 4)]
+    np.testing.assert_array_equal(vlm.family.prompt_positions(np.array(ids), []), want)
+    prompts, images = [LLAVA, "USER: Say something. ASSISTANT:"], [[photo()], []]
+    batch = vlm.generate_batch(prompts, images, max_new_tokens=6, ignore_eos=True)
+    alone = [vlm.generate(p, i, max_new_tokens=6, ignore_eos=True) for p, i in zip(prompts, images)]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
 
 
 def test_llava_next_pooled_tiles_pack_as_hf(exported_factory):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..compress import METHODS
+import numpy as np
+
+from ..compress import METHODS, pool_bin_starts, pool_grid
 from ..images import ImagePreprocessor
 from ..spec import is_int
 from .base import Family, ImageTokens, MediaItem
@@ -45,6 +47,28 @@ class Llava(Family):
         """features [1, T, C], scores [1, T] -> the kept [K, C] (positions: the prompt's, as uncompressed)."""
         kept, _ = self.compression.apply(features[0], self.grid, None if scores is None else scores[0])
         return kept
+
+    def prompt_positions(self, ids: np.ndarray, items: list[MediaItem]) -> np.ndarray | None:
+        """ids [S] -> positions [S] when pooling: each pooled token keeps the position its bin's first
+        token has in the uncompressed prompt, and the text after an image continues where it would
+        have (FastV's rule: the language model reads where a token sits in the picture from its
+        position; shapes-hd's `where` answers: 21% with renumbered positions, 100% with these, at 25%).
+        topk/merge renumber (None: the scheme's): which tokens they keep depends on the vision graph's
+        output, which the server's vision cache does not carry."""
+        if self.compression is None or self.compression.method != "pool":
+            return None
+        k = self.compression.tokens(self.grid)
+        starts = pool_bin_starts(self.grid, pool_grid(self.grid, k))  # [K] within the image's T tokens
+        image_id = self.facts.media["image"].token_id
+        out, pos, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] == image_id:  # an image's K placeholders (check_placeholders: whole spans)
+                out.append(pos + starts)
+                pos, i = pos + self.tokens, i + k
+            else:
+                out.append(np.array([pos]))
+                pos, i = pos + 1, i + 1
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     @classmethod
     def compressed_tokens(cls, preprocess, row, compression):
