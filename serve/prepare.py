@@ -54,12 +54,16 @@ class CachedVisionFamily:
     def embed_media(self, items: list, run) -> list:
         """Each item's embeds [num_tokens, C]: cached ones as they are, the others in one vision run."""
         keys = [self._cache.key(item, self._family.compression) for item in items]
-        found = [self._cache.get(k) for k in keys]
+        entries = [self._cache.lookup(k) for k in keys]
+        found = [None if e is None else e[0] for e in entries]
+        for item, entry in zip(items, entries):  # cached: what compression kept, for the prompt's positions
+            if entry is not None and entry[1] is not None:
+                item.meta["kept_at"] = entry[1]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
             with self._vision_turn:
                 fresh = self._family.embed_media([items[i] for i in missing], run)
             for i, embeds in zip(missing, fresh):
                 found[i] = embeds
-                self._cache.put(keys[i], embeds)
+                self._cache.put(keys[i], embeds, items[i].meta.get("kept_at"))
         return found

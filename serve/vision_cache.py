@@ -27,7 +27,7 @@ class VisionCache:
         if budget_bytes < 0:
             raise ValueError(f"--vision-cache-mb must be >= 0 (0 turns the cache off), got {budget_bytes / 2**20:g}")
         self.budget, self.fingerprint = budget_bytes, fingerprint
-        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()  # embeds, kept_at
         self._lock = threading.Lock()
         self.bytes = self.hits = self.misses = 0
 
@@ -42,25 +42,30 @@ class VisionCache:
         return h.hexdigest() + self.fingerprint
 
     def get(self, key: str) -> np.ndarray | None:
+        entry = self.lookup(key)
+        return None if entry is None else entry[0]
+
+    def lookup(self, key: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(embeds, kept_at: where compression's kept tokens sit in the uncompressed grid, or None)."""
         with self._lock:
-            embeds = self._entries.get(key)
-            if embeds is None:
+            entry = self._entries.get(key)
+            if entry is None:
                 self.misses += 1
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
-            return embeds
+            return entry
 
-    def put(self, key: str, embeds: np.ndarray) -> None:
+    def put(self, key: str, embeds: np.ndarray, kept_at: np.ndarray | None = None) -> None:
         if embeds.nbytes > self.budget:
             return
         embeds.flags.writeable = False
         with self._lock:
             old = self._entries.pop(key, None)
-            self.bytes += embeds.nbytes - (old.nbytes if old is not None else 0)
-            self._entries[key] = embeds
+            self.bytes += embeds.nbytes - (old[0].nbytes if old is not None else 0)
+            self._entries[key] = (embeds, kept_at)
             while self.bytes > self.budget:
-                _, evicted = self._entries.popitem(last=False)
+                _, (evicted, _) = self._entries.popitem(last=False)
                 self.bytes -= evicted.nbytes
 
     def __len__(self) -> int:

@@ -44,27 +44,32 @@ class Llava(Family):
         return replace(item, num_tokens=self.compression.tokens(self.grid), meta={**item.meta, "compressed": self.grid})
 
     def pack_compressed(self, item, features, scores):
-        """features [1, T, C], scores [1, T] -> the kept [K, C] (positions: the prompt's, as uncompressed)."""
-        kept, _ = self.compression.apply(features[0], self.grid, None if scores is None else scores[0])
+        """features [1, T, C], scores [1, T] -> the kept [K, C]; item.meta["kept_at"]: where each sits
+        in the uncompressed grid (prompt_positions)."""
+        kept, where = self.compression.apply(features[0], self.grid, None if scores is None else scores[0])
+        item.meta["kept_at"] = where if self.compression.method != "pool" else self._pool_starts()
         return kept
 
+    def _pool_starts(self) -> np.ndarray:
+        return pool_bin_starts(self.grid, pool_grid(self.grid, self.compression.tokens(self.grid)))
+
     def prompt_positions(self, ids: np.ndarray, items: list[MediaItem]) -> np.ndarray | None:
-        """ids [S] -> positions [S] when pooling: each pooled token keeps the position its bin's first
-        token has in the uncompressed prompt, and the text after an image continues where it would
-        have (FastV's rule: the language model reads where a token sits in the picture from its
-        position; shapes-hd's `where` answers: 21% with renumbered positions, 100% with these, at 25%).
-        topk/merge renumber (None: the scheme's): which tokens they keep depends on the vision graph's
-        output, which the server's vision cache does not carry."""
-        if self.compression is None or self.compression.method != "pool":
+        """ids [S] -> positions [S] when compressing: each kept token keeps the position it has in the
+        uncompressed prompt (pool: its bin's first token; topk: its own; merge: its own, a contextual
+        token its group's target's), and the text after an image continues where it would have
+        (FastV's rule: the language model reads where a token sits in the picture from its position;
+        shapes-hd's `where` answers at 25% pool: 21% renumbered, 96% with these)."""
+        if self.compression is None:
             return None
-        k = self.compression.tokens(self.grid)
-        starts = pool_bin_starts(self.grid, pool_grid(self.grid, k))  # [K] within the image's T tokens
         image_id = self.facts.media["image"].token_id
+        kept_at = iter([i.meta.get("kept_at", None) for i in items])
         out, pos, i = [], 0, 0
         while i < len(ids):
             if ids[i] == image_id:  # an image's K placeholders (check_placeholders: whole spans)
-                out.append(pos + starts)
-                pos, i = pos + self.tokens, i + k
+                where = next(kept_at, None)
+                where = self._pool_starts() if where is None else where  # before its vision run (plan)
+                out.append(pos + where)
+                pos, i = pos + self.tokens, i + len(where)
             else:
                 out.append(np.array([pos]))
                 pos, i = pos + 1, i + 1
