@@ -15,6 +15,7 @@ pages (what is read between two trims). Torch-free: it runs in `vlmdeploy plan`.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,13 @@ from typing import Callable
 GB = 1e9
 # Fitted on the measured curve (scripts/export_memory.py, fp16, validation on; docs/PERFORMANCE.md):
 # peak RSS = ANON_FIXED + ANON_PER_GRAPH_BYTE x (weights of the largest graph) + FILE_WINDOW.
-ANON_FIXED_BYTES = int(2.4 * GB)
-ANON_PER_GRAPH_BYTE = 0.05
+# Measured with the page trimmer (weights -> peak, anonymous / file): 1.05 GB -> 2.30 (2.15 / 0.21),
+# 3.76 -> 2.31 (2.15 / 0.27); anonymous up to 2.40 in other runs (the vision graph's export, the same
+# CLIP-L at every size). Rounded up, so the estimate is an upper bound: 2.9, 3.0, 3.2 GB for 0.5B, 2B, 7B.
+ANON_FIXED_BYTES = int(2.5 * GB)
+ANON_PER_GRAPH_BYTE = 0.02
 FILE_WINDOW_BYTES = int(0.4 * GB)
+STORED_NAMES = {"fp16": "float16", "fp32": "float32"}  # config.json's dtype for an export dtype
 DISK_MARGIN = 1.02  # graph files hold the weights plus graph protos and padding to 64 KiB per tensor
 
 
@@ -62,8 +67,21 @@ def export_needs(model: str, dtype: str) -> ExportNeeds:
     plan = plan_model(model, dtype)
     graphs = [plan.get(c).nbytes for c in ("LLM weights", "vision encoder", "projector")]
     largest = max(graphs)
-    return ExportNeeds(plan.source, dtype, sum(graphs), largest, ANON_FIXED_BYTES + int(ANON_PER_GRAPH_BYTE * largest),
+    converted = sum(graphs) if _converted_at_load(model, dtype) else 0
+    return ExportNeeds(plan.source, dtype, sum(graphs), largest,
+                       ANON_FIXED_BYTES + int(ANON_PER_GRAPH_BYTE * largest) + converted,
                        FILE_WINDOW_BYTES, int(sum(graphs) * DISK_MARGIN) + 64 * 1024 * 1024)
+
+
+def _converted_at_load(model: str, dtype: str) -> bool:
+    """Weights stored in another dtype than the export's are converted at load into anonymous memory
+    (nothing stays mapped for the trimmer to drop). A recipe's checkpoint is taken as stored in its dtype."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    fields = json.loads(config.read_text())
+    stored = fields.get("dtype") or fields.get("torch_dtype")
+    return stored is not None and stored != STORED_NAMES.get(dtype)
 
 
 def available_ram() -> int:

@@ -24,7 +24,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmdeploy.export import exporter, onnx_export
-from vlmdeploy.export.export_plan import Machine, ResourceError, check_machine, export_needs
+from vlmdeploy.export.export_plan import ANON_FIXED_BYTES, Machine, ResourceError, check_machine, export_needs
 from vlmdeploy.runtime import runners
 from vlmdeploy.runtime.backends import make_runner
 from vlmdeploy.runtime.spec import GraphSpec, TensorSpec
@@ -188,6 +188,13 @@ def test_a_13b_export_is_not_refused_for_memory_on_a_24_gb_machine():
     check_machine(needs, Path("/tmp"), Machine(ram=lambda: 20 * 10**9, disk=lambda p: needs.disk_bytes))
     with pytest.raises(ResourceError, match="disk"):
         check_machine(needs, Path("/tmp"), Machine(ram=lambda: 20 * 10**9, disk=lambda p: 20 * 10**9))
+
+
+def test_weights_converted_at_load_count_as_anonymous_memory(tiny):
+    """The tiny checkpoint is stored in float32: an fp16 export converts it (nothing stays mapped)."""
+    fp32, fp16 = export_needs(str(tiny.checkpoint), "fp32"), export_needs(str(tiny.checkpoint), "fp16")
+    assert fp16.anon_bytes >= ANON_FIXED_BYTES + fp16.weights_bytes
+    assert fp32.anon_bytes < ANON_FIXED_BYTES + fp32.weights_bytes / 2  # stored as exported: it stays mapped
 
 
 def test_plan_export_line(capsys):
