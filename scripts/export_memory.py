@@ -5,11 +5,13 @@
     python scripts/export_memory.py --size 7b --dir /work/big --keep-artifact
 
 Every size has LLaVA-1.5-7B's vision tower (CLIP ViT-L/14-336) and a Llama of growing width/depth; the
-7b size is the `llava` recipe itself. Each checkpoint is written by `make bigckpt`'s generator (seeded,
+7b size is the `llava` recipe itself; 7b-trunc has its widths with 4 vision and 2 text layers (the
+HF comparison in tests/test_export_large.py). Each checkpoint is written by `make bigckpt`'s generator (seeded,
 fp16, one shard in memory at a time). The export runs as a child process; a sampler reads
 /proc/PID/status of it and its descendants every 0.1 s: the peak of the summed VmRSS, the summed VmHWM
 (exact per-process peaks), and the peak anonymous RSS (memory that cannot be paged out; the rest is
-file pages of mmapped weights, which the kernel can drop under pressure).
+file pages of mmapped weights, which the kernel can drop under pressure). The result JSON also holds
+each graph's validation diffs (equal runs of one checkpoint give equal diffs) and the load average.
 """
 
 from __future__ import annotations
