@@ -21,10 +21,11 @@ from vlmdeploy.runtime.dummy import export_dims, sample_feeds, validation_dims
 from vlmdeploy.runtime.manifest import Manifest, check_export_target, describe_files, staging_dir
 from vlmdeploy.runtime.spec import GraphSpec
 
-from . import decoder_gqa, onnx_export, registry
+from . import decoder_gqa, onnx_export, page_trimmer, registry
 from .components import ExportError
 from .export_plan import Machine, check_machine, export_needs
 from .hf_files import read_processor_files, save_runtime_tokenizer_json
+from .page_trimmer import PageTrimmer, file_mappings
 from .quantize import INT8_COMPUTE, SCHEMES, add_int8_compute, quantize_graph
 from .recipes import RecipeError, find_weights, load_recipe, recipe_names
 
@@ -33,6 +34,7 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
 # build or validate one is logged in one line and the export goes on.
 OPTIONAL_GRAPHS = ("decoder_gqa",)
 DEFAULT_OPSET = 18
+TRIM_INTERVAL_S = 0.05  # how often the weights' file pages are dropped (export/page_trimmer.py)
 MIN_OPSET, MAX_OPSET = 18, 23
 
 
@@ -126,26 +128,29 @@ def _check_resources(src: Source, out: Path, machine: Machine | None, log) -> No
 
 
 def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None, int8_compute=()) -> Manifest:
-    """Memory plan: never two copies of the weights alive.
+    """Memory plan: never two copies of the weights alive, and never a whole graph's weights resident.
 
         torch phase: the checkpoint loaded once (transformers memory-maps safetensors); per graph:
                      trace + write it with external data, then record PyTorch's outputs on the
                      validation inputs (onnx_export.Recorded); small arrays and facts read out
-        free torch:  the model and every graph module dropped (their mmapped weights unmapped)
+        free torch:  the model and every graph module dropped
         ORT phase:   one graph at a time: load, compare with the recorded outputs, release
+        both phases: the weights' file pages dropped every TRIM_INTERVAL_S (export/page_trimmer.py)
     """
     family, model, files, tokenizer, mapped = _load(src, log)  # mapped: the weights' file mappings
     dtype = TORCH_DTYPES[src.dtype]
-    facts = family.model_facts(model, files, tokenizer, dtype)
-    specs = family.graph_specs(facts, model, log)
-    recorded = _torch_phase(family, model, facts, specs, tmp, opset, log, mapped, src.checkpoint)
+    with PageTrimmer(ranges=mapped, interval_s=TRIM_INTERVAL_S) as trimmer:  # the model keeps them mapped
+        facts = family.model_facts(model, files, tokenizer, dtype)
+        specs = family.graph_specs(facts, model, log)
+        recorded = _torch_phase(family, model, facts, specs, tmp, opset, log)
+    log(f"page trimmer: {len(trimmer.targets)} of {len(mapped)} checkpoint mappings trimmed {trimmer.ticks} times")
     if "decoder_gqa" not in specs:
         facts = dataclasses.replace(facts, pipeline={**facts.pipeline, "decoders": ["decoder"]})
     for name, array in family.tensors(model, dtype).items():
         np.save(tmp / facts.tensors[name], array, allow_pickle=False)
     preprocess = family.preprocess(files, model)
     del model
-    release_torch(log, mapped, src.checkpoint)
+    release_torch(log, mapped)
     validation = _ort_phase(family, facts, specs, recorded, tmp, log)
     try:  # before the weights: the int8 prefill graph derives from fp32 decoder_gqa
         facts, computed = add_int8_compute(tmp, facts, specs, int8_compute, validation, log) if int8_compute else (facts, {})
@@ -171,9 +176,8 @@ def _export_into(src: Source, tmp: Path, opset: int, log, quantize: str | None, 
     )
 
 
-def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log, mapped: list, checkpoint: Path) -> dict:
-    """Write every graph and record PyTorch's validation outputs; the graph modules die with this frame.
-    After each graph the checkpoint's pages it read are dropped (the weights are only ever read)."""
+def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log) -> dict:
+    """Write every graph and record PyTorch's validation outputs; the graph modules die with this frame."""
     modules = family.graph_modules(model)  # traced graphs; decoder_gqa is built directly as ONNX
     recorded = {}
     for i, (name, spec) in enumerate(list(specs.items()), 1):
@@ -183,7 +187,6 @@ def _torch_phase(family, model, facts, specs: dict, tmp: Path, opset: int, log, 
         except Exception as e:  # noqa: BLE001 — an optional graph never fails the export
             _skip_optional(tmp, name, specs, e, log)
             continue
-        drop_mapped_pages(mapped, checkpoint)
         log(f"[{i}/{len(specs)}] {name}: written, PyTorch reference recorded")
     return recorded
 
@@ -209,44 +212,19 @@ def _skip_optional(tmp: Path, name: str, specs: dict, error: Exception, log) -> 
     log(f"{name}: skipped, the export ships without it ({type(error).__name__}: {str(error)[:200]})")
 
 
-def release_torch(log, mapped: list, checkpoint: Path) -> None:
-    """Collect the torch model's last references (cycles) so its weights are unmapped before ONNX
+def release_torch(log, mapped: list) -> None:
+    """Collect the torch model's last references (cycles) and drop the checkpoint's pages (torch.export
+    keeps the traced parameters in a module global, so the mapping outlives the model) before ONNX
     Runtime loads a graph; logs the resident memory left."""
     import gc
 
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed heap pages; hand them back
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    drop_mapped_pages(mapped, checkpoint)
+    page_trimmer.drop_pages(ranges=mapped)
     mem = memory_status()
     log(f"torch model released (resident {mem.get('VmRSS', 0) / 1e9:.2f} GB, of it anonymous "
         f"{mem.get('RssAnon', 0) / 1e9:.2f} GB; peak so far {mem.get('VmHWM', 0) / 1e9:.2f} GB)")
-
-
-MADV_DONTNEED = 4
-
-
-def checkpoint_mappings(directory: Path) -> list[tuple[int, int]]:
-    """(start, end) of this process's memory mappings of files under `directory` (/proc/self/maps)."""
-    maps, root = Path("/proc/self/maps"), str(Path(directory).resolve())
-    lines = maps.read_text().splitlines() if maps.exists() else []
-    return [tuple(int(x, 16) for x in parts[0].split("-")) for parts in (line.split(maxsplit=5) for line in lines)
-            if len(parts) == 6 and parts[5].startswith(root + os.sep)]
-
-
-def drop_mapped_pages(mapped: list[tuple[int, int]], checkpoint: Path) -> int:
-    """Drop the resident pages of the mappings the export's own load made (the checkpoint's
-    safetensors: torch.export keeps a reference to the traced parameters in a module global, so the
-    mapping outlives the model). Only those: another model in this process mapping the same files
-    keeps its pages. The export never writes to its weights, so a dropped page comes back from the
-    file if it is touched again. Returns the bytes advised."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    live = set(checkpoint_mappings(checkpoint))  # a range unmapped and reused since is left alone
-    dropped = 0
-    for start, end in mapped:
-        if (start, end) in live and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
-            dropped += end - start
-    return dropped
 
 
 def memory_status() -> dict[str, int]:
@@ -266,7 +244,7 @@ def _load(src: Source, log):
     log(f"loading {config.architectures[0]} weights")
     model_cls = family.model_class()  # family: an export/family.py LlavaStyleExport
     _check_weight_files(src.checkpoint)
-    before = set(checkpoint_mappings(src.checkpoint))
+    before = {m.key for m in file_mappings([src.checkpoint])}
     try:
         model = model_cls.from_pretrained(src.checkpoint, dtype=getattr(torch, TORCH_DTYPES[src.dtype]),
                                           attn_implementation="sdpa")
@@ -276,7 +254,7 @@ def _load(src: Source, log):
     model.eval()
     files = read_processor_files(src.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(src.checkpoint)
-    return family, model, files, tokenizer, [m for m in checkpoint_mappings(src.checkpoint) if m not in before]
+    return family, model, files, tokenizer, [m for m in file_mappings([src.checkpoint]) if m.key not in before]
 
 
 def _check_weight_files(checkpoint: Path) -> None:
@@ -313,8 +291,14 @@ def _validate_one(family, facts, name: str, spec, recorded: onnx_export.Recorded
         return _validate_decoder_gqa(facts, spec, replay, path)
     valid = functools.partial(family.valid_positions, name)
     record = onnx_export.validate_graph(path, spec, replay.reference, replay.feeds_at,
-                                        [r[0] for r in recorded.runs], facts.dims.dtype, valid)
+                                        [r[0] for r in recorded.runs], facts.dims.dtype, valid,
+                                        while_loaded=lambda: PageTrimmer(roots=external_data(path), interval_s=TRIM_INTERVAL_S))
     return {**record, **_compared(recorded, onnx_export.ATOL[facts.dims.dtype])}
+
+
+def external_data(graph: Path) -> list[Path]:
+    """The external-data file(s) of a graph written here (`NAME.onnx.data`), which ONNX Runtime maps."""
+    return sorted(graph.parent.glob(f"{graph.name}.*"))
 
 
 def _compared(recorded: onnx_export.Recorded, atol: float) -> dict:

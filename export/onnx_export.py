@@ -82,10 +82,17 @@ def validate_graph(
     path: Path, spec: GraphSpec, reference: Callable[[dict], list[np.ndarray]],
     feeds_at: Callable[[dict], dict], dims_list: list[dict], dtype: str,
     valid: Callable[[dict, list], list] = lambda feeds, outs: outs,
+    while_loaded: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict:
     """Run the ONNX graph in ONNX Runtime and the torch reference on fresh random inputs at several
-    shapes; return the record for the manifest. Raises ValueError beyond tolerance."""
+    shapes; return the record for the manifest. Raises ValueError beyond tolerance. `while_loaded()`
+    is entered once the session exists and left before it is released (the exporter's page trimmer)."""
     runner = OrtRunner(path, spec, low_memory=True)
+    with while_loaded():
+        return _compare_runs(runner, spec, reference, feeds_at, dims_list, dtype, valid)
+
+
+def _compare_runs(runner, spec: GraphSpec, reference, feeds_at, dims_list: list[dict], dtype: str, valid) -> dict:
     worst, shapes = 0.0, []
     for dims in dims_list:
         feeds = feeds_at(dims)

@@ -288,6 +288,7 @@ def _plan(args) -> int:
     needs = export_needs(args.model, plan.dtype)
     if args.json:
         print(json.dumps({**plan.to_dict(), "export": {"ram_bytes": needs.ram_bytes, "disk_bytes": needs.disk_bytes,
+                                                       "anon_bytes": needs.anon_bytes, "file_bytes": needs.file_bytes,
                                                        "weights_bytes": needs.weights_bytes,
                                                        "largest_graph_bytes": needs.largest_graph_bytes}}))
     else:

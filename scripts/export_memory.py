@@ -5,11 +5,13 @@
     python scripts/export_memory.py --size 7b --dir /work/big --keep-artifact
 
 Every size has LLaVA-1.5-7B's vision tower (CLIP ViT-L/14-336) and a Llama of growing width/depth; the
-7b size is the `llava` recipe itself. Each checkpoint is written by `make bigckpt`'s generator (seeded,
+7b size is the `llava` recipe itself; 7b-trunc has its widths with 4 vision and 2 text layers (the
+HF comparison in tests/test_export_large.py). Each checkpoint is written by `make bigckpt`'s generator (seeded,
 fp16, one shard in memory at a time). The export runs as a child process; a sampler reads
 /proc/PID/status of it and its descendants every 0.1 s: the peak of the summed VmRSS, the summed VmHWM
 (exact per-process peaks), and the peak anonymous RSS (memory that cannot be paged out; the rest is
-file pages of mmapped weights, which the kernel can drop under pressure).
+file pages of mmapped weights, which the kernel can drop under pressure). The result JSON also holds
+each graph's validation diffs (equal runs of one checkpoint give equal diffs) and the load average.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ TEXT = {
     "0.5b": dict(text_hidden=1024, text_layers=12, text_heads=16, text_kv_heads=16, text_intermediate=2816),
     "2b": dict(text_hidden=2048, text_layers=28, text_heads=16, text_kv_heads=16, text_intermediate=5632),
 }
+# LLaVA-1.5-7B's widths (CLIP ViT-L/14-336, Llama 4096 wide, vocab 32064) cut to 4 vision and 2 text
+# layers (0.77B parameters): small enough for HF `generate` beside the export (tests/test_export_large.py).
+TRUNCATED = dict(vision_layers=4, text_layers=2)
+SIZES = ("0.5b", "2b", "7b", "7b-trunc")
 
 
 def size_config(size: str) -> TinyConfig:
     cfg = bigckpt.tiny_config_for("llava")
-    return cfg if size == "7b" else dataclasses.replace(cfg, **TEXT[size])
+    if size == "7b":
+        return cfg
+    return dataclasses.replace(cfg, **(TRUNCATED if size == "7b-trunc" else TEXT[size]))
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -82,9 +90,18 @@ def run_sampled(cmd: list[str], log_path: Path) -> dict:
     return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, **{f"peak_{k}_bytes": v for k, v in peak.items()}}
 
 
+def validation_diffs(artifact: Path) -> dict[str, list[float]]:
+    """Each graph's validation diffs (per run) from the manifest: equal runs of one checkpoint give equal diffs."""
+    manifest = artifact / "manifest.json"
+    if not manifest.exists():
+        return {}
+    validation = json.loads(manifest.read_text())["validation"]
+    return {name: [r["max_abs_diff"] for r in record["runs"]] for name, record in validation.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=["0.5b", "2b", "7b"], required=True)
+    p.add_argument("--size", choices=SIZES, required=True)
     p.add_argument("--dir", type=Path, default=Path("/work/big"))
     p.add_argument("--keep-artifact", action="store_true")
     p.add_argument("--extra", nargs="*", default=[], help="more `vlmdeploy export` flags")
@@ -98,6 +115,8 @@ def main(argv=None) -> int:
     cmd = [str(exe), "export", "--model", str(ckpt), "--out", str(out), "--dtype", "fp16", *a.extra]
     result = {"size": a.size, "weights_bytes": weights, **run_sampled(cmd, a.dir / f"export-{a.size}.log")}
     result["artifact_bytes"] = sum(f.stat().st_size for f in out.glob("*")) if out.exists() else 0
+    result["validation_max_abs_diff"] = validation_diffs(out)
+    result["load_average"] = os.getloadavg()  # other jobs share the cores: wall time depends on them
     result["hwm_over_weights"] = result["peak_hwm_bytes"] / weights
     print(json.dumps(result))
     if not a.keep_artifact:

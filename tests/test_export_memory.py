@@ -24,7 +24,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmdeploy.export import exporter, onnx_export
-from vlmdeploy.export.export_plan import Machine, ResourceError, check_machine, export_needs
+from vlmdeploy.export.export_plan import ANON_FIXED_BYTES, Machine, ResourceError, check_machine, export_needs
 from vlmdeploy.runtime import runners
 from vlmdeploy.runtime.backends import make_runner
 from vlmdeploy.runtime.spec import GraphSpec, TensorSpec
@@ -63,9 +63,9 @@ def test_torch_is_freed_before_onnx_runtime_loads_a_graph_and_fp16_is_checked_in
         assert all(run["max_abs_diff"] <= run["tolerance"] for run in record["runs"])
 
 
-def _resident_in(ranges: list[tuple[int, int]]) -> int:
-    """Resident bytes of this process's mappings that start and end at `ranges` (/proc/self/smaps)."""
-    wanted, total, inside = set(ranges), 0, False
+def _resident_in(mappings) -> int:
+    """Resident bytes of this process's mappings that start and end where `mappings` do (/proc/self/smaps)."""
+    wanted, total, inside = {(m.start, m.end) for m in mappings}, 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         parts = line.split()
         if parts and "-" in parts[0] and not parts[0].endswith(":"):
@@ -176,8 +176,25 @@ def test_needs_follow_the_measured_curve_for_llava_7b():
     assert needs.largest_graph_bytes == pytest.approx(13.5e9, rel=0.01)  # the decoder
     assert needs.disk_bytes > needs.weights_bytes
     with pytest.raises(ResourceError, match="memory"):
-        check_machine(needs, Path("/tmp"), Machine(ram=lambda: 8 * 10**9, disk=lambda p: 1 << 50))
+        check_machine(needs, Path("/tmp"), Machine(ram=lambda: 2 * 10**9, disk=lambda p: 1 << 50))
     check_machine(needs, Path("/tmp"), Machine(ram=lambda: needs.ram_bytes, disk=lambda p: needs.disk_bytes))
+    assert needs.ram_bytes < 0.3 * needs.weights_bytes  # the trimmed curve: mapped pages are not kept
+
+
+def test_a_13b_export_is_not_refused_for_memory_on_a_24_gb_machine():
+    needs = export_needs("llava-13b", "fp16")
+    assert needs.weights_bytes > 26e9 > 24e9  # more weights than this machine has memory
+    assert needs.ram_bytes < 0.3 * needs.weights_bytes
+    check_machine(needs, Path("/tmp"), Machine(ram=lambda: 20 * 10**9, disk=lambda p: needs.disk_bytes))
+    with pytest.raises(ResourceError, match="disk"):
+        check_machine(needs, Path("/tmp"), Machine(ram=lambda: 20 * 10**9, disk=lambda p: 20 * 10**9))
+
+
+def test_weights_converted_at_load_count_as_anonymous_memory(tiny):
+    """The tiny checkpoint is stored in float32: an fp16 export converts it (nothing stays mapped)."""
+    fp32, fp16 = export_needs(str(tiny.checkpoint), "fp32"), export_needs(str(tiny.checkpoint), "fp16")
+    assert fp16.anon_bytes >= ANON_FIXED_BYTES + fp16.weights_bytes
+    assert fp32.anon_bytes < ANON_FIXED_BYTES + fp32.weights_bytes / 2  # stored as exported: it stays mapped
 
 
 def test_plan_export_line(capsys):
