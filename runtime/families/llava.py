@@ -61,19 +61,17 @@ class Llava(Family):
         shapes-hd's `where` answers at 25% pool: 21% renumbered, 96% with these)."""
         if self.compression is None:
             return None
-        image_id = self.facts.media["image"].token_id
-        kept_at = iter([i.meta.get("kept_at", None) for i in items])
-        out, pos, i = [], 0, 0
-        while i < len(ids):
-            if ids[i] == image_id:  # an image's K placeholders (check_placeholders: whole spans)
-                where = next(kept_at, None)
-                where = self._pool_starts() if where is None else where  # before its vision run (plan)
-                out.append(pos + where)
-                pos, i = pos + self.tokens, i + len(where)
-            else:
-                out.append(np.array([pos]))
-                pos, i = pos + 1, i + 1
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        image_at = np.flatnonzero(np.asarray(ids) == self.facts.media["image"].token_id)  # every placeholder
+        kept_at = iter([i.meta.get("kept_at") for i in items])
+        out, pos, i, n = [], 0, 0, 0  # i: next token, n: next placeholder
+        while n < len(image_at):  # an image's K placeholders (check_placeholders: whole spans)
+            text = image_at[n] - i  # tokens before this image
+            where = next(kept_at, None)
+            where = self._pool_starts() if where is None else where  # before its vision run (plan)
+            out += [pos + np.arange(text), pos + text + where]
+            pos, i, n = pos + text + self.tokens, image_at[n] + len(where), n + len(where)
+        out.append(pos + np.arange(len(ids) - i))
+        return np.concatenate(out).astype(np.int64)
 
     @classmethod
     def compressed_tokens(cls, preprocess, row, compression):
